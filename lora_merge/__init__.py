@@ -1,0 +1,33 @@
+"""lora-merge: load LoRA adapters and combine them into new adapters, in factored form.
+
+    import lora_merge as lm
+    math, code = lm.load("adapters/math"), lm.load("adapters/code")
+    merged = lm.merge([math, code], weights=[0.6, 0.4], method="ties", density=0.5)
+    merged.save("out/merged")
+"""
+
+__version__ = "0.1.0"
+
+from .adapter import Adapter, LoraWeight  # noqa: E402
+from .errors import (  # noqa: E402
+                     AdapterLoadError,
+                     BaseModelMismatchError,
+                     ExpressionError,
+                     LoraMergeError,
+                     MethodError,
+                     NonFiniteError,
+                     OutputExistsError,
+                     ShapeMismatchError,
+                     UnsafeFileError,
+                     UnsupportedAdapterError,
+)
+from .expr import compose, parse  # noqa: E402
+from .io import load, save  # noqa: E402
+from .merge import merge  # noqa: E402
+from .methods import METHODS, get_method  # noqa: E402
+
+__all__ = [
+    "Adapter", "LoraWeight", "load", "save", "merge", "compose", "parse", "METHODS", "get_method",
+    "LoraMergeError", "AdapterLoadError", "UnsafeFileError", "ShapeMismatchError", "BaseModelMismatchError",
+    "NonFiniteError", "UnsupportedAdapterError", "MethodError", "ExpressionError", "OutputExistsError",
+]

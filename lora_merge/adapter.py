@@ -1,0 +1,286 @@
+"""The data model: an adapter is a map from module path to a low-rank update `scale * B @ A`.
+
+`Adapter` objects support exact, lazy arithmetic in delta space:
+
+    detox = 0.6 * math + 0.4 * code - 0.3 * toxic     # nothing is computed yet
+    detox.delta("model.layers.0.self_attn.q_proj")    # == 0.6 dW_math + 0.4 dW_code - 0.3 dW_toxic, exactly
+    detox.compress(rank=16)                           # best rank-16 approximation, module by module
+
+A combination keeps a list of (coefficient, adapter) terms; its modules are built on first use by
+concatenating factors (`[c_1 s_1 B_1 ... c_k s_k B_k] @ [A_1; ...; A_k]`), which is exact and costs no dense
+matrix. The same adapter object appearing twice has its coefficients added, so `(a + b) - b` is `a`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import BaseModelMismatchError, ShapeMismatchError, UnsupportedAdapterError
+from .linalg import factored_svd, truncate
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeight:
+    """One module's update `scale * B @ A`, with `A: (r, in)` and `B: (out, r)`.
+
+    For an embedding LoRA, PEFT's `lora_embedding_A` is (r, num_embeddings) and `lora_embedding_B` is
+    (dim, r): B @ A is then the transpose of the weight's update, which does not matter for merging.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None   # DoRA's lora_magnitude_vector
+    bias: torch.Tensor | None = None        # lora_bias: lora_B.bias, scaled like B @ A
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of `B @ A`."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update `scale * B @ A` (out x in). Builds an m x n matrix: use for one module at a time."""
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+
+@dataclass(eq=False)
+class Adapter:
+    """A LoRA adapter: modules keyed by path (`model.layers.3.self_attn.q_proj`), config and provenance.
+
+    Build one with `lora_merge.load`, `lora_merge.merge`, or arithmetic on other adapters.
+    """
+
+    _modules: dict[str, LoraWeight] | None
+    config: dict
+    name: str = "adapter"
+    source: str | None = None
+    files: dict[str, str] = field(default_factory=dict)        # file name -> sha256, for provenance
+    provenance: dict = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors that are not LoRA factors
+    _terms: tuple[tuple[float, Adapter], ...] | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def combination(cls, terms: list[tuple[float, Adapter]]) -> Adapter:
+        """The exact weighted sum of adapters, computed lazily. Equal adapters' coefficients are added."""
+        coefs: dict[int, float] = {}
+        leaves: dict[int, Adapter] = {}
+        for c, adapter in terms:
+            for c2, leaf in adapter.terms:
+                coefs[id(leaf)] = coefs.get(id(leaf), 0.0) + float(c) * c2
+                leaves[id(leaf)] = leaf
+        flat = tuple((coefs[k], leaves[k]) for k in coefs if coefs[k] != 0.0)
+        if len(flat) == 1 and flat[0][0] == 1.0:
+            return flat[0][1]
+        check_compatible([leaf for _, leaf in flat])
+        from .config import merged_config
+        configs = [leaf.config for _, leaf in flat] or [next(iter(leaves.values())).config]
+        name = " + ".join(f"{c:g}*{leaf.name}" for c, leaf in flat).replace("+ -", "- ") or "empty"
+        return cls(None, merged_config(configs), name=name, _terms=flat,
+                   extra=shared_extras([leaf for _, leaf in flat]),
+                   provenance={"method": "sum", "inputs": [_input_record(leaf, c) for c, leaf in flat]})
+
+    @property
+    def terms(self) -> tuple[tuple[float, Adapter], ...]:
+        return self._terms if self._terms is not None else ((1.0, self),)
+
+    @property
+    def modules(self) -> dict[str, LoraWeight]:
+        """Module path -> LoraWeight. A combination builds its (exact, concatenated) factors on first use."""
+        if self._modules is None:
+            self._modules = concat_modules(list(self.terms))
+        return self._modules
+
+    # ---- arithmetic ---------------------------------------------------------------------------------------
+    def __add__(self, other: Adapter) -> Adapter:
+        if not isinstance(other, Adapter):
+            return NotImplemented
+        return Adapter.combination([(1.0, self), (1.0, other)])
+
+    def __radd__(self, other):          # so that sum([a, b, c]) works
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: Adapter) -> Adapter:
+        if not isinstance(other, Adapter):
+            return NotImplemented
+        return Adapter.combination([(1.0, self), (-1.0, other)])
+
+    def __neg__(self) -> Adapter:
+        return Adapter.combination([(-1.0, self)])
+
+    def __mul__(self, k: float) -> Adapter:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            return NotImplemented
+        return Adapter.combination([(float(k), self)])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k: float) -> Adapter:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            return NotImplemented
+        return Adapter.combination([(1.0 / k, self)])
+
+    # ---- queries ------------------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the inputs (float32 when they differ)."""
+        dtypes = {w.A.dtype for _, leaf in self.terms for w in leaf.modules.values()} if self._terms \
+            else {w.A.dtype for w in self.modules.values()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update of one module, in `dtype`."""
+        return self.modules[module].delta(dtype)
+
+    def __repr__(self) -> str:
+        ranks = sorted({w.rank for w in self.modules.values()}) if self._modules is not None else "lazy"
+        return f"Adapter({self.name!r}, modules={len(self._modules or {}) or '?'}, ranks={ranks})"
+
+    # ---- transformations ----------------------------------------------------------------------------------
+    def compress(self, rank: int | None = None, energy: float | None = None) -> Adapter:
+        """Re-factor every module to its best approximation of rank `rank` (or keeping `energy` of the squared
+        singular values), through a factored SVD. Without arguments the result is exact (full rank)."""
+        modules = {}
+        for path, w in self.modules.items():
+            _check_plain(self.name, path, w, "compress")
+            u, s, vh = factored_svd(w.B.float() * w.scale, w.A.float())
+            B, A = truncate(u, s, vh, rank, energy)
+            modules[path] = LoraWeight(A=A, B=B, scale=1.0, embedding=w.embedding, bias=_scaled_bias(w))
+        prov = dict(self.provenance) or {"inputs": [_input_record(self, 1.0)]}
+        prov["compress"] = {"rank": rank, "energy": energy}
+        return Adapter(modules, dict(self.config), name=self.name, provenance=prov)
+
+    def save(self, path: str | PathLike, *, force: bool = False, dtype: torch.dtype | str | None = None) -> None:
+        """Write a PEFT folder (see `lora_merge.save`)."""
+        from .io import save
+        save(self, path, force=force, dtype=dtype)
+
+
+# ---- helpers shared with the merge methods ----------------------------------------------------------------
+def _input_record(adapter: Adapter, weight: float) -> dict:
+    return {"name": adapter.name, "source": adapter.source, "weight": weight, "files": dict(adapter.files)}
+
+
+def _check_plain(name: str, module: str, w: LoraWeight, what: str) -> None:
+    if w.magnitude is not None:
+        raise UnsupportedAdapterError(
+            f"{what}: adapter '{name}' is a DoRA adapter (module {module} has a magnitude vector); "
+            "its update is not B @ A, so it cannot be merged correctly yet", file=name, module=module)
+
+
+def _scaled_bias(w: LoraWeight) -> torch.Tensor | None:
+    return None if w.bias is None else w.scale * w.bias.float()
+
+
+def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:
+    """Raise if the adapters were trained on different base models (unless allowed)."""
+    if allow_base_mismatch:
+        return
+    named = [(a.name, a.base_model) for a in adapters if a.base_model]
+    if len({b for _, b in named}) > 1:
+        listing = ", ".join(f"{n} ({b})" for n, b in named)
+        raise BaseModelMismatchError(
+            f"adapters were trained on different base models: {listing}; pass allow_base_mismatch=True "
+            "if the models share their architecture and you mean it")
+
+
+def module_inputs(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:
+    """For every module in the union of the adapters: the (weight, LoraWeight, adapter) of those that have it.
+
+    A module an adapter lacks contributes zero. Shapes and kinds are checked here, naming both files.
+    """
+    table: dict[str, list[tuple[float, LoraWeight, Adapter]]] = {}
+    for adapter, weight in zip(adapters, weights):
+        for path, w in adapter.modules.items():
+            entries = table.setdefault(path, [])
+            if entries:
+                _, w0, a0 = entries[0]
+                if w0.shape != w.shape or w0.embedding != w.embedding:
+                    kind = {True: "embedding", False: "linear"}
+                    raise ShapeMismatchError(
+                        f"module {path}: {_where(a0)} has a {kind[w0.embedding]} update of shape "
+                        f"{tuple(w0.shape)} but {_where(adapter)} has a {kind[w.embedding]} update of shape "
+                        f"{tuple(w.shape)}", file=_where(adapter), module=path)
+            entries.append((weight, w, adapter))
+    return dict(sorted(table.items()))
+
+
+def shared_extras(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """Non-LoRA tensors that can go into a merge unchanged.
+
+    PEFT saves copies of base weights (`...base_layer.weight`, e.g. the embedding when it is targeted): those
+    are carried over when every adapter holding them holds the same values. Anything else (modules_to_save,
+    trainable tokens) is a fully trained tensor with no meaningful merge here: carried over only when all
+    adapters hold identical values, refused otherwise.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key in dict.fromkeys(k for a in adapters for k in a.extra):
+        holders = [a for a in adapters if key in a.extra]
+        first = holders[0].extra[key]
+        same = all(a.extra[key].shape == first.shape and torch.equal(a.extra[key], first) for a in holders)
+        if same and (".base_layer." in key or len(holders) == len(adapters)):
+            out[key] = first
+            continue
+        raise UnsupportedAdapterError(
+            f"adapter '{holders[0].name}' ({holders[0].source or 'in memory'}) holds {key}, a tensor that is not a "
+            "LoRA factor (modules_to_save or similar) and that the other adapters do not share; it cannot be merged",
+            file=holders[0].source, key=key)
+    return out
+
+
+def _where(adapter: Adapter) -> str:
+    return adapter.source or adapter.name
+
+
+def concat_modules(terms: list[tuple[float, Adapter]]) -> dict[str, LoraWeight]:
+    """The exact weighted sum of the terms, per module: `[B_1 ... B_k] @ [c_1 s_1 A_1; ...; c_k s_k A_k]`."""
+    table = module_inputs([a for _, a in terms], [c for c, _ in terms])
+    return {path: concat(path, entries) for path, entries in table.items()}
+
+
+def concat(path: str, entries: list[tuple[float, LoraWeight, Adapter]]) -> LoraWeight:
+    """One module's exact weighted sum, as PEFT's `cat` builds it (the weight and scale go on A)."""
+    for _, w, a in entries:
+        _check_plain(a.name, path, w, "sum")
+    A = torch.cat([(c * w.scale) * w.A.float() for c, w, _ in entries], 0)
+    B = torch.cat([w.B.float() for _, w, _ in entries], 1)
+    biases = [c * w.scale * w.bias.float() for c, w, _ in entries if w.bias is not None]
+    return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding,
+                      bias=torch.stack(biases).sum(0) if biases else None)
+
+
+def as_weights(adapters: list[Adapter], weights: list[float] | Mapping[str, float] | None) -> list[float]:
+    """Normalise the weights argument: None means 1.0 each; a mapping is keyed by adapter name."""
+    from .errors import MethodError
+    if weights is None:
+        return [1.0] * len(adapters)
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - {a.name for a in adapters}
+        if unknown:
+            raise MethodError(f"weights name unknown adapters: {sorted(unknown)}", key="weights")
+        return [float(weights.get(a.name, 1.0)) for a in adapters]
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise MethodError(f"got {len(weights)} weights for {len(adapters)} adapters", key="weights")
+    if not all(math.isfinite(w) for w in weights):
+        raise MethodError(f"weights must be finite numbers, got {weights}", key="weights")
+    return weights

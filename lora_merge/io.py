@@ -1,0 +1,275 @@
+"""Reading and writing PEFT LoRA folders.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors`. Tensor keys look like
+`base_model.model.<module path>.lora_A.weight`; we strip the prefix and the suffix so that the same module is
+the same string in every adapter. Pickle files (`adapter_model.bin`) are refused unless the caller opts in,
+and then read with `torch.load(weights_only=True)`, which cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .adapter import Adapter, LoraWeight
+from .config import finalize, module_alpha, module_rank, scaling
+from .errors import (
+    AdapterLoadError,
+    LoraMergeError,
+    NonFiniteError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnsafeFileError,
+)
+
+CONFIG = "adapter_config.json"
+SAFETENSORS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"
+PREFIX = "base_model.model."
+# suffix -> (field, embedding?)
+_SUFFIXES = {
+    ".lora_A.weight": ("A", False),
+    ".lora_B.weight": ("B", False),
+    ".lora_embedding_A": ("A", True),
+    ".lora_embedding_B": ("B", True),
+    ".lora_magnitude_vector": ("magnitude", None),
+    ".lora_magnitude_vector.weight": ("magnitude", None),
+    ".lora_B.bias": ("bias", None),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder for `source`: the folder itself, or a Hub snapshot of `org/name[@revision]`.
+
+    Returns (folder, revision or None). Only adapter files are downloaded.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise AdapterLoadError(f"{path}: expected a PEFT adapter folder, found a file", file=str(path))
+        return path, None
+    text = str(source)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise AdapterLoadError(f"{text}: no such adapter folder", file=text)
+    repo_id, _, rev = text.partition("@")
+    revision = rev or revision
+    try:
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG, SAFETENSORS, "README.md"])
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; we report one line
+        raise AdapterLoadError(f"{text}: not found locally, and the Hub download failed: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=text) from e
+    return Path(folder), revision
+
+
+def load(source: str | os.PathLike, *, name: str | None = None, revision: str | None = None,
+         allow_pickle: bool = False) -> Adapter:
+    """Load a PEFT LoRA adapter from a folder or a Hub repo id (`org/name` or `org/name@revision`).
+
+    Every module becomes a `LoraWeight` (A, B, scale) with its own rank and alpha (rank_pattern,
+    alpha_pattern and rsLoRA resolved as PEFT resolves them). Tensors keep their stored dtype.
+    """
+    folder, revision = resolve(source, revision)
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise AdapterLoadError(f"{cfg_path}: missing; a PEFT adapter folder needs {CONFIG}", file=str(cfg_path))
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"{cfg_path}: not valid JSON ({e})", file=str(cfg_path)) from e
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{cfg_path}: expected a JSON object", file=str(cfg_path))
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterLoadError(f"{cfg_path}: peft_type is {peft_type}; only LORA adapters can be merged",
+                               file=str(cfg_path), key="peft_type")
+
+    tensors, weights_path = _read_tensors(folder, allow_pickle)
+    files = {CONFIG: _sha256(cfg_path), weights_path.name: _sha256(weights_path)}
+    modules, extra = _parse(tensors, config, str(weights_path))
+    if not modules:
+        raise AdapterLoadError(f"{weights_path}: holds no LoRA tensors (keys like "
+                               f"'{PREFIX}<module>.lora_A.weight')", file=str(weights_path))
+    if revision:
+        config = {**config, "revision": revision}
+    return Adapter(modules, config, name=name or _default_name(source), source=str(source), files=files,
+                   extra=extra)
+
+
+def _default_name(source: str | os.PathLike) -> str:
+    text = str(source).rstrip("/").split("@")[0]
+    return Path(text).name or text
+
+
+def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
+    st, pkl = folder / SAFETENSORS, folder / PICKLE
+    if st.is_file():
+        try:
+            return load_file(str(st)), st
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterLoadError(f"{st}: not a readable safetensors file ({e})", file=str(st)) from e
+    if pkl.is_file():
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"{pkl}: this adapter is stored as a pickle, and unpickling an untrusted file can run arbitrary "
+                f"code; convert it to {SAFETENSORS}, or opt in with allow_pickle=True (read with "
+                "torch.load(weights_only=True))", file=str(pkl))
+        try:
+            data = torch.load(str(pkl), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - weights_only refusals come as several exception types
+            raise AdapterLoadError(f"{pkl}: refused by torch.load(weights_only=True): {e}", file=str(pkl)) from e
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterLoadError(f"{pkl}: expected a dict of tensors", file=str(pkl))
+        return data, pkl
+    raise AdapterLoadError(f"{folder}: no {SAFETENSORS} (nor {PICKLE}) in this folder", file=str(folder / SAFETENSORS))
+
+
+def _parse(tensors: dict[str, torch.Tensor], config: dict, file: str
+           ) -> tuple[dict[str, LoraWeight], dict[str, torch.Tensor]]:
+    parts: dict[str, dict] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, (slot, emb) in _SUFFIXES.items():
+            if path.endswith(suffix):
+                module = path[: -len(suffix)]
+                if not torch.is_floating_point(t):
+                    raise AdapterLoadError(f"{file}: {key} has dtype {t.dtype}, expected floating point",
+                                           file=file, module=module, key=key)
+                if not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(f"{file}: module {module} holds NaN or Inf values ({key})",
+                                         file=file, module=module, key=key)
+                entry = parts.setdefault(module, {})
+                entry[slot] = t
+                if emb is not None:
+                    entry["embedding"] = emb
+                break
+        else:
+            extra[key] = t
+
+    modules = {}
+    use_rslora = bool(config.get("use_rslora"))
+    for module, p in sorted(parts.items()):
+        if "A" not in p or "B" not in p:
+            missing = "lora_A" if "A" not in p else "lora_B"
+            raise AdapterLoadError(f"{file}: module {module} has no {missing} tensor", file=file, module=module)
+        A, B = p["A"], p["B"]
+        if A.dim() != 2 or B.dim() != 2:
+            raise AdapterLoadError(f"{file}: module {module} has {A.dim()}-d/{B.dim()}-d factors; only Linear "
+                                   "and Embedding LoRAs are supported (not Conv)", file=file, module=module)
+        if A.shape[0] != B.shape[1]:
+            raise ShapeMismatchError(f"{file}: module {module}: lora_A is {tuple(A.shape)} but lora_B is "
+                                     f"{tuple(B.shape)}; their ranks differ", file=file, module=module)
+        rank = A.shape[0]
+        expected = module_rank(config, module)
+        if rank != expected:
+            raise ShapeMismatchError(f"{file}: module {module} has rank {rank} but adapter_config.json gives it "
+                                     f"rank {expected} (r / rank_pattern)", file=file, module=module, key="r")
+        for slot in ("magnitude", "bias"):
+            if slot in p and p[slot].shape != (B.shape[0],):
+                raise ShapeMismatchError(f"{file}: module {module}: {slot} has shape {tuple(p[slot].shape)}, "
+                                         f"expected ({B.shape[0]},)", file=file, module=module)
+        scale = scaling(module_alpha(config, module), rank, use_rslora)
+        modules[module] = LoraWeight(A=A, B=B, scale=scale, embedding=bool(p.get("embedding")),
+                                     magnitude=p.get("magnitude"), bias=p.get("bias"))
+    return modules, extra
+
+
+def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in names:
+        raise LoraMergeError(f"unknown dtype {dtype!r}; use one of {sorted(names)}", key="dtype")
+    return names[dtype]
+
+
+def state_dict(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names, in `dtype`."""
+    out = {}
+    for module, w in adapter.modules.items():
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if w.embedding else (".lora_A.weight", ".lora_B.weight")
+        out[PREFIX + module + a] = w.A.to(dtype).contiguous()
+        out[PREFIX + module + b] = w.B.to(dtype).contiguous()
+        if w.magnitude is not None:
+            out[PREFIX + module + ".lora_magnitude_vector"] = w.magnitude.to(dtype).contiguous()
+        if w.bias is not None:
+            out[PREFIX + module + ".lora_B.bias"] = w.bias.to(dtype).contiguous()
+    out.update({k: v.contiguous() for k, v in adapter.extra.items()})
+    return out
+
+
+def peft_config(adapter: Adapter) -> dict:
+    """adapter_config.json for the adapter: r, lora_alpha and patterns such that PEFT applies each module's scale."""
+    modules = adapter.modules
+    ranks = {m: w.rank for m, w in modules.items()}
+    scales = {m: w.scale for m, w in modules.items()}
+    any_bias = any(w.bias is not None for w in modules.values())
+    cfg = finalize(adapter.config, ranks, scales, lora_bias=any_bias)
+    cfg.setdefault("peft_type", "LORA")
+    cfg["use_dora"] = any(w.magnitude is not None for w in modules.values())
+    return cfg
+
+
+def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
+         dtype: torch.dtype | str | None = None) -> Path:
+    """Write `adapter` as a PEFT folder at `path` that `PeftModel.from_pretrained(base, path)` loads.
+
+    Everything is written to a temporary folder beside `path` and renamed into place, so a failure leaves
+    nothing half-written. An existing `path` is replaced only with `force=True`.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists; pass force=True (--force) to overwrite it",
+                                file=str(path))
+    out_dtype = _dtype(dtype, adapter.dtype)
+    modules = adapter.modules
+    if not modules:
+        raise LoraMergeError(f"{adapter.name}: the adapter has no modules (all terms cancelled?); nothing to save")
+    for m, w in modules.items():
+        if not math.isfinite(w.scale) or not bool(torch.isfinite(w.A).all() and torch.isfinite(w.B).all()):
+            raise NonFiniteError(f"{adapter.name}: module {m} of the result holds NaN or Inf", module=m)
+    tensors = state_dict(adapter, out_dtype)
+    config = peft_config(adapter)
+    from .card import model_card
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt", "lora_merge_version": __version__})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(adapter, config))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

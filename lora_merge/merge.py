@@ -1,0 +1,132 @@
+"""`merge`: run a registered method over the union of the adapters' modules, one module at a time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapter import (
+    Adapter,
+    LoraWeight,
+    _check_plain,
+    _input_record,
+    as_weights,
+    check_compatible,
+    concat,
+    module_inputs,
+    shared_extras,
+)
+from .config import merged_config
+from .errors import MethodError, UnsupportedAdapterError
+from .linalg import dense_svd, factored_svd, truncate
+from .methods import MergeMethod, get_method
+
+Entries = list[tuple[float, LoraWeight, Adapter]]
+
+
+def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
+          weights: Sequence[float] | Mapping[str, float] | None = None, method: str = "sum", *, name: str | None = None, allow_base_mismatch: bool = False,
+          **params: Any) -> Adapter:
+    """Combine adapters into one with a registered method (see `lora_merge.METHODS`).
+
+    `weights` defaults to 1.0 per adapter. `params` are the method's own (`density`, `majority_sign_method`,
+    `seed`) and the output `rank` / `energy`. A module that an adapter lacks contributes zero to it.
+    """
+    if isinstance(adapters, Mapping):
+        adapters = [a if a.name == n else _renamed(a, n) for n, a in adapters.items()]
+    adapters = list(adapters)
+    if not adapters:
+        raise MethodError("merge needs at least one adapter")
+    spec = get_method(method)
+    w = as_weights(adapters, weights)
+    p = spec.resolve(params)
+    check_compatible(adapters, allow_base_mismatch)
+    extra = shared_extras(adapters)
+
+    table = module_inputs(adapters, w)
+    rank = p.get("rank")
+    if rank is None and spec.default_rank == "max":
+        rank = max(x.rank for entries in table.values() for _, x, _ in entries)
+    rng = torch.Generator().manual_seed(p["seed"]) if spec.uses_rng else None
+    combine = {"exact": _exact, "factor": _factor, "dense": _dense}[spec.family]
+    modules = {path: combine(spec, path, entries, p, rng, rank) for path, entries in table.items()}
+
+    resolved = dict(p, rank=rank) if "rank" in p else dict(p)
+    provenance = {"method": spec.name, "params": resolved, "inputs": [_input_record(a, x) for a, x in zip(adapters, w)],
+                  "lora_merge_version": __version__}
+    return Adapter(modules, merged_config([a.config for a in adapters]), name=name or f"{spec.name}-merge",
+                   provenance=provenance, extra=extra)
+
+
+def _renamed(adapter: Adapter, name: str) -> Adapter:
+    return Adapter(adapter._modules, adapter.config, name=name, source=adapter.source, files=adapter.files,
+                   provenance=adapter.provenance, extra=adapter.extra, _terms=adapter._terms)
+
+
+def _refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None,
+              energy: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return truncate(*factored_svd(B, A), rank, energy)
+
+
+def _exact(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
+    w = concat(path, entries)
+    if rank is None and p.get("energy") is None:
+        return w
+    B, A = _refactor(w.B, w.A, rank, p.get("energy"))
+    return LoraWeight(A=A, B=B, scale=1.0, embedding=w.embedding, bias=w.bias)
+
+
+def _plain_only(spec: MergeMethod, path: str, entries: Entries) -> None:
+    for _, x, a in entries:
+        _check_plain(a.name, path, x, spec.name)
+        if x.bias is not None:
+            raise UnsupportedAdapterError(
+                f"{spec.name}: adapter '{a.name}' has a LoRA bias (lora_bias) at module {path}; only the exact "
+                "methods (sum, cat, svd) merge biases", file=a.source, module=path)
+
+
+def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
+    _plain_only(spec, path, entries)
+    ranks = {x.rank for _, x, _ in entries}
+    if len(ranks) > 1:
+        listing = ", ".join(f"{a.name}: r={x.rank}" for _, x, a in entries)
+        raise MethodError(f"{spec.name} combines A and B factors element-wise and needs equal ranks, but module "
+                          f"{path} has {listing}; use 'svd' (or 'ties_svd', ...) for adapters of different ranks",
+                          module=path, key="method")
+    if spec.split == "pem":
+        wa = [abs(c) * math.sqrt(x.scale) for c, x, _ in entries]
+        wb = [c * math.sqrt(x.scale) for c, x, _ in entries]
+    else:  # PEFT: sqrt(|w s|) on both factors, the sign on A
+        wa = [math.copysign(math.sqrt(abs(c * x.scale)), c * x.scale) for c, x, _ in entries]
+        wb = [math.sqrt(abs(c * x.scale)) for c, x, _ in entries]
+    op_params = {k: v for k, v in p.items() if k in _op_params(spec)}
+    if rng is not None:
+        op_params["rng"] = rng
+    A = spec.op(torch.stack([x.A.float() for _, x, _ in entries]), torch.tensor(wa), **op_params)
+    B = spec.op(torch.stack([x.B.float() for _, x, _ in entries]), torch.tensor(wb), **op_params)
+    if rank is not None or p.get("energy") is not None:
+        B, A = _refactor(B, A, rank, p.get("energy"))
+    return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
+
+
+def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
+    _plain_only(spec, path, entries)
+    op_params = {k: v for k, v in p.items() if k in _op_params(spec)}
+    if rng is not None:
+        op_params["rng"] = rng
+    deltas = torch.stack([x.delta(torch.float32) for _, x, _ in entries])
+    delta = spec.op(deltas, torch.tensor([c for c, _, _ in entries], dtype=torch.float32), **op_params)
+    del deltas
+    B, A = truncate(*dense_svd(delta), rank, p.get("energy"))
+    return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
+
+
+def _op_params(spec: MergeMethod) -> set[str]:
+    return set(spec.params) - {"rank", "energy", "seed"}
+
+
+__all__ = ["merge"]
