@@ -29,8 +29,8 @@ Entries = list[tuple[float, LoraWeight, Adapter]]
 
 
 def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
-          weights: Sequence[float] | Mapping[str, float] | None = None, method: str = "sum", *, name: str | None = None, allow_base_mismatch: bool = False,
-          **params: Any) -> Adapter:
+          weights: Sequence[float] | Mapping[str, float] | None = None, method: str = "sum", *,
+          name: str | None = None, allow_base_mismatch: bool = False, **params: Any) -> Adapter:
     """Combine adapters into one with a registered method (see `lora_merge.METHODS`).
 
     `weights` defaults to 1.0 per adapter. `params` are the method's own (`density`, `majority_sign_method`,
