@@ -42,7 +42,9 @@ def select_rank(s: torch.Tensor, rank: int | None = None, energy: float | None =
             raise MethodError(f"energy must be in (0, 1], got {energy}", key="energy")
         sq = s.double() ** 2
         total = float(sq.sum())
-        if total > 0.0:
+        if total == 0.0:
+            k = 1
+        else:
             share = torch.cumsum(sq, 0) / total
             # the tolerance keeps energy=1.0 from demanding singular values that are rounding noise
             k = min(k, int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1)
