@@ -23,8 +23,7 @@ def model_card(adapter, config: dict) -> str:
 
     lines = [f"# {adapter.name}", ""]
     if method:
-        lines += [f"A LoRA adapter made by [lora-merge](https://github.com/lora-merge/lora-merge) "
-                  f"{__version__} with the `{method}` method.", ""]
+        lines += [f"A LoRA adapter made by lora-merge {__version__} with the `{method}` method.", ""]
     inputs = prov.get("inputs") or []
     if inputs:
         lines += ["| input | weight | source | sha256 (adapter_model) |", "|---|---|---|---|"]
