@@ -161,7 +161,7 @@ class Adapter:
         singular values), through a factored SVD. Without arguments the result is exact (full rank)."""
         modules = {}
         for path, w in self.modules.items():
-            _check_plain(self.name, path, w, "compress")
+            _check_plain(self, path, w, "compress")
             u, s, vh = factored_svd(w.B.float() * w.scale, w.A.float())
             B, A = truncate(u, s, vh, rank, energy)
             modules[path] = LoraWeight(A=A, B=B, scale=1.0, embedding=w.embedding, bias=_scaled_bias(w))
@@ -180,11 +180,12 @@ def _input_record(adapter: Adapter, weight: float) -> dict:
     return {"name": adapter.name, "source": adapter.source, "weight": weight, "files": dict(adapter.files)}
 
 
-def _check_plain(name: str, module: str, w: LoraWeight, what: str) -> None:
+def _check_plain(adapter: Adapter, module: str, w: LoraWeight, what: str) -> None:
     if w.magnitude is not None:
         raise UnsupportedAdapterError(
-            f"{what}: adapter '{name}' is a DoRA adapter (module {module} has a magnitude vector); "
-            "its update is not B @ A, so it cannot be merged correctly yet", file=name, module=module)
+            f"{what}: adapter '{adapter.name}' ({_where(adapter)}) is a DoRA adapter (module {module} has a "
+            "magnitude vector); its update is not B @ A, so it cannot be merged correctly yet",
+            file=adapter.source, module=module)
 
 
 def _scaled_bias(w: LoraWeight) -> torch.Tensor | None:
@@ -195,12 +196,13 @@ def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False)
     """Raise if the adapters were trained on different base models (unless allowed)."""
     if allow_base_mismatch:
         return
-    named = [(a.name, a.base_model) for a in adapters if a.base_model]
-    if len({b for _, b in named}) > 1:
-        listing = ", ".join(f"{n} ({b})" for n, b in named)
+    named = [a for a in adapters if a.base_model]
+    if len({a.base_model for a in named}) > 1:
+        listing = ", ".join(f"{_where(a)} (base {a.base_model})" for a in named)
+        odd = next(a for a in named if a.base_model != named[0].base_model)
         raise BaseModelMismatchError(
             f"adapters were trained on different base models: {listing}; pass allow_base_mismatch=True "
-            "if the models share their architecture and you mean it")
+            "if the models share their architecture and you mean it", file=odd.source, key="base_model_name_or_path")
 
 
 def module_inputs(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:
@@ -260,7 +262,7 @@ def concat_modules(terms: list[tuple[float, Adapter]]) -> dict[str, LoraWeight]:
 def concat(path: str, entries: list[tuple[float, LoraWeight, Adapter]]) -> LoraWeight:
     """One module's exact weighted sum, as PEFT's `cat` builds it (the weight and scale go on A)."""
     for _, w, a in entries:
-        _check_plain(a.name, path, w, "sum")
+        _check_plain(a, path, w, "sum")
     A = torch.cat([(c * w.scale) * w.A.float() for c, w, _ in entries], 0)
     B = torch.cat([w.B.float() for _, w, _ in entries], 1)
     biases = [c * w.scale * w.bias.float() for c, w, _ in entries if w.bias is not None]

@@ -99,6 +99,7 @@ def load(source: str | os.PathLike, *, name: str | None = None, revision: str | 
         raise AdapterLoadError(f"{cfg_path}: not valid JSON ({e})", file=str(cfg_path)) from e
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{cfg_path}: expected a JSON object", file=str(cfg_path))
+    _validate_config(config, str(cfg_path))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterLoadError(f"{cfg_path}: peft_type is {peft_type}; only LORA adapters can be merged",
@@ -114,6 +115,33 @@ def load(source: str | os.PathLike, *, name: str | None = None, revision: str | 
         config = {**config, "revision": revision}
     return Adapter(modules, config, name=name or _default_name(source), source=str(source), files=files,
                    extra=extra)
+
+
+def _validate_config(config: dict, file: str) -> None:
+    """The fields that decide ranks and scales must be what PEFT expects; say which one is not."""
+    def bad(key: str, why: str):
+        raise AdapterLoadError(f"{file}: {key} {why}", file=file, key=key)
+
+    def positive_int(key: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            bad(key, f"must be a positive integer, got {value!r}")
+
+    def number(key: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad(key, f"must be a finite number, got {value!r}")
+
+    positive_int("r", config.get("r", 8))
+    number("lora_alpha", config.get("lora_alpha", 8))
+    for field, check in (("rank_pattern", positive_int), ("alpha_pattern", number)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            bad(field, f"must be an object mapping module patterns to values, got {type(patterns).__name__}")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                bad(f"{field}[{key!r}]", f"is not a valid regular expression ({e})")
+            check(f"{field}[{key!r}]", value)
 
 
 def _default_name(source: str | os.PathLike) -> str:
@@ -256,8 +284,10 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
     config = peft_config(adapter)
     from .card import model_card
 
+    created = [p for p in reversed(path.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt", "lora_merge_version": __version__})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -265,11 +295,22 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)           # put the previous folder back
+        for p in reversed(created):
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
         raise
+    if old is not None:
+        _remove(old)
     return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -82,7 +82,7 @@ def _exact(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: i
 
 def _plain_only(spec: MergeMethod, path: str, entries: Entries) -> None:
     for _, x, a in entries:
-        _check_plain(a.name, path, x, spec.name)
+        _check_plain(a, path, x, spec.name)
         if x.bias is not None:
             raise UnsupportedAdapterError(
                 f"{spec.name}: adapter '{a.name}' has a LoRA bias (lora_bias) at module {path}; only the exact "
