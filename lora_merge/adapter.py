@@ -70,6 +70,7 @@ class Adapter:
     files: dict[str, str] = field(default_factory=dict)        # file name -> sha256, for provenance
     provenance: dict = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors that are not LoRA factors
+    storage_dtype: torch.dtype | None = None   # dtype to save in; None: that of the tensors (or of the inputs)
     _terms: tuple[tuple[float, Adapter], ...] | None = None
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -142,9 +143,12 @@ class Adapter:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The storage dtype of the inputs (float32 when they differ)."""
-        dtypes = {w.A.dtype for _, leaf in self.terms for w in leaf.modules.values()} if self._terms \
-            else {w.A.dtype for w in self.modules.values()}
+        """The dtype `save` writes by default: that of the inputs (float32 when they differ)."""
+        if self.storage_dtype is not None:
+            return self.storage_dtype
+        if self._terms is not None:
+            return common_dtype([leaf for _, leaf in self._terms])
+        dtypes = {w.A.dtype for w in self.modules.values()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -167,7 +171,8 @@ class Adapter:
             modules[path] = LoraWeight(A=A, B=B, scale=1.0, embedding=w.embedding, bias=_scaled_bias(w))
         prov = dict(self.provenance) or {"inputs": [_input_record(self, 1.0)]}
         prov["compress"] = {"rank": rank, "energy": energy}
-        return Adapter(modules, dict(self.config), name=self.name, provenance=prov)
+        return Adapter(modules, dict(self.config), name=self.name, provenance=prov, extra=dict(self.extra),
+                       storage_dtype=self.dtype)
 
     def save(self, path: str | PathLike, *, force: bool = False, dtype: torch.dtype | str | None = None) -> None:
         """Write a PEFT folder (see `lora_merge.save`)."""
@@ -176,6 +181,12 @@ class Adapter:
 
 
 # ---- helpers shared with the merge methods ----------------------------------------------------------------
+def common_dtype(adapters: list[Adapter]) -> torch.dtype:
+    """The storage dtype shared by the adapters, or float32 when they differ."""
+    dtypes = {a.dtype for a in adapters}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def _input_record(adapter: Adapter, weight: float) -> dict:
     return {"name": adapter.name, "source": adapter.source, "weight": weight, "files": dict(adapter.files)}
 

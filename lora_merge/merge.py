@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from .adapter import (
     _input_record,
     as_weights,
     check_compatible,
+    common_dtype,
     concat,
     module_inputs,
     shared_extras,
@@ -59,12 +61,11 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     provenance = {"method": spec.name, "params": resolved, "inputs": [_input_record(a, x) for a, x in zip(adapters, w)],
                   "lora_merge_version": __version__}
     return Adapter(modules, merged_config([a.config for a in adapters]), name=name or f"{spec.name}-merge",
-                   provenance=provenance, extra=extra)
+                   provenance=provenance, extra=extra, storage_dtype=common_dtype(adapters))
 
 
 def _renamed(adapter: Adapter, name: str) -> Adapter:
-    return Adapter(adapter._modules, adapter.config, name=name, source=adapter.source, files=adapter.files,
-                   provenance=adapter.provenance, extra=adapter.extra, _terms=adapter._terms)
+    return dataclasses.replace(adapter, name=name)
 
 
 def _refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None,

@@ -1,0 +1,51 @@
+"""DARE's random masks: the keep rate and the rescaling, reproducibility by seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_merge as lm
+from lora_merge.methods.dare import drop_and_rescale
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_keep_rate_and_rescaling(density):
+    n = 200_000
+    out = drop_and_rescale(torch.ones(1, n), density, torch.Generator().manual_seed(0))
+    kept = out != 0
+    rate = float(kept.float().mean())
+    sigma = (density * (1 - density) / n) ** 0.5
+    assert abs(rate - density) < 5 * sigma
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / density))
+    assert abs(float(out.mean()) - 1.0) < 5 * sigma / density       # unbiased in expectation
+
+
+def test_density_one_keeps_everything_and_zero_drops_everything():
+    x = torch.randn(3, 50)
+    assert torch.equal(drop_and_rescale(x, 1.0, None), x)
+    assert torch.count_nonzero(drop_and_rescale(x, 0.0, None)) == 0
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_ties_svd"])
+def test_seed_makes_a_merge_reproducible(same_rank, method):
+    adapters = [lm.load(p) for p in same_rank]
+    one = lm.merge(adapters, [0.5, 0.5, 0.5], method, density=0.5, seed=3)
+    two = lm.merge(adapters, [0.5, 0.5, 0.5], method, density=0.5, seed=3)
+    other = lm.merge(adapters, [0.5, 0.5, 0.5], method, density=0.5, seed=4)
+    m = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(one.delta(m), two.delta(m))
+    assert not torch.equal(one.delta(m), other.delta(m))
+    assert one.provenance["params"]["seed"] == 3
+
+
+def test_dare_linear_factor_entries_are_dropped_and_rescaled(same_rank):
+    """With one adapter of weight 1, dare_linear's A is sqrt(s) * A with entries dropped and scaled by 1/density."""
+    a = lm.load(same_rank[0])
+    out = lm.merge([a], [1.0], "dare_linear", density=0.25, seed=0)
+    m = "model.layers.1.self_attn.v_proj"
+    src, got = a.modules[m], out.modules[m]
+    ratio = got.A / (src.scale ** 0.5 * src.A.float())
+    kept = got.A != 0
+    assert torch.allclose(ratio[kept], torch.full_like(ratio[kept], 4.0), rtol=1e-5)
+    assert 0.05 < float(kept.float().mean()) < 0.5
