@@ -71,6 +71,7 @@ class Adapter:
     provenance: dict = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors that are not LoRA factors
     storage_dtype: torch.dtype | None = None   # dtype to save in; None: that of the tensors (or of the inputs)
+    revision: str | None = None                # Hub revision the adapter was loaded at
     _terms: tuple[tuple[float, Adapter], ...] | None = None
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -87,10 +88,8 @@ class Adapter:
         if len(flat) == 1 and flat[0][0] == 1.0:
             return flat[0][1]
         check_compatible([leaf for _, leaf in flat])
-        from .config import merged_config
-        configs = [leaf.config for _, leaf in flat] or [next(iter(leaves.values())).config]
         name = " + ".join(f"{c:g}*{leaf.name}" for c, leaf in flat).replace("+ -", "- ") or "empty"
-        return cls(None, merged_config(configs), name=name, _terms=flat,
+        return cls(None, combined_config([leaf for _, leaf in flat] or list(leaves.values())), name=name, _terms=flat,
                    extra=shared_extras([leaf for _, leaf in flat]),
                    provenance={"method": "sum", "inputs": [_input_record(leaf, c) for c, leaf in flat]})
 
@@ -134,6 +133,9 @@ class Adapter:
     def __truediv__(self, k: float) -> Adapter:
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             return NotImplemented
+        if k == 0:
+            from .errors import MethodError
+            raise MethodError(f"cannot divide adapter '{self.name}' by zero")
         return Adapter.combination([(1.0 / k, self)])
 
     # ---- queries ------------------------------------------------------------------------------------------
@@ -188,7 +190,8 @@ def common_dtype(adapters: list[Adapter]) -> torch.dtype:
 
 
 def _input_record(adapter: Adapter, weight: float) -> dict:
-    return {"name": adapter.name, "source": adapter.source, "weight": weight, "files": dict(adapter.files)}
+    return {"name": adapter.name, "source": adapter.source, "revision": adapter.revision, "weight": weight,
+            "files": dict(adapter.files)}
 
 
 def _check_plain(adapter: Adapter, module: str, w: LoraWeight, what: str) -> None:
@@ -203,8 +206,26 @@ def _scaled_bias(w: LoraWeight) -> torch.Tensor | None:
     return None if w.bias is None else w.scale * w.bias.float()
 
 
+def combined_config(adapters: list[Adapter]) -> dict:
+    """The config of a combination of these adapters (see `config.merged_config`)."""
+    from .config import merged_config
+    return merged_config([a.config for a in adapters], [set(a.modules) for a in adapters])
+
+
+# init_lora_weights values with which PEFT changes the base weights: the adapter's update is then not s * B @ A
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
+
+
 def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:
-    """Raise if the adapters were trained on different base models (unless allowed)."""
+    """Raise if an adapter's update is not s * B @ A of the base model, or if the adapters were trained on
+    different base models (unless allowed)."""
+    for a in adapters:
+        init = a.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise UnsupportedAdapterError(
+                f"adapter '{a.name}' ({_where(a)}) was initialised with init_lora_weights={init!r}, which changes "
+                "the base weights; convert it to a plain LoRA first (PEFT's "
+                "path_initial_model_for_weight_conversion)", file=a.source, key="init_lora_weights")
     if allow_base_mismatch:
         return
     named = [a for a in adapters if a.base_model]
@@ -242,20 +263,19 @@ def shared_extras(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
 
     PEFT saves copies of base weights (`...base_layer.weight`, e.g. the embedding when it is targeted): those
     are carried over when every adapter holding them holds the same values. Anything else (modules_to_save,
-    trainable tokens) is a fully trained tensor with no meaningful merge here: carried over only when all
-    adapters hold identical values, refused otherwise.
+    trainable tokens) is a trained tensor that a weighted sum of LoRA updates cannot represent: refused.
     """
     out: dict[str, torch.Tensor] = {}
     for key in dict.fromkeys(k for a in adapters for k in a.extra):
         holders = [a for a in adapters if key in a.extra]
         first = holders[0].extra[key]
         same = all(a.extra[key].shape == first.shape and torch.equal(a.extra[key], first) for a in holders)
-        if same and (".base_layer." in key or len(holders) == len(adapters)):
+        if same and ".base_layer." in key:
             out[key] = first
             continue
         raise UnsupportedAdapterError(
-            f"adapter '{holders[0].name}' ({holders[0].source or 'in memory'}) holds {key}, a tensor that is not a "
-            "LoRA factor (modules_to_save or similar) and that the other adapters do not share; it cannot be merged",
+            f"adapter '{holders[0].name}' ({_where(holders[0])}) holds {key}, a trained tensor that is not a LoRA "
+            "factor (modules_to_save, trainable tokens or similar); a weighted sum of LoRA updates cannot carry it",
             file=holders[0].source, key=key)
     return out
 
@@ -271,11 +291,13 @@ def concat_modules(terms: list[tuple[float, Adapter]]) -> dict[str, LoraWeight]:
 
 
 def concat(path: str, entries: list[tuple[float, LoraWeight, Adapter]]) -> LoraWeight:
-    """One module's exact weighted sum, as PEFT's `cat` builds it (the weight and scale go on A)."""
+    """One module's exact weighted sum by concatenation, as PEFT's `cat`; each term's weight times scale is
+    split as sqrt(|c s|) on both factors (sign on A), which keeps both in range when stored in float16."""
     for _, w, a in entries:
         _check_plain(a, path, w, "sum")
-    A = torch.cat([(c * w.scale) * w.A.float() for c, w, _ in entries], 0)
-    B = torch.cat([w.B.float() for _, w, _ in entries], 1)
+    roots = [math.sqrt(abs(c * w.scale)) for c, w, _ in entries]
+    A = torch.cat([math.copysign(r, c * w.scale) * w.A.float() for r, (c, w, _) in zip(roots, entries)], 0)
+    B = torch.cat([r * w.B.float() for r, (_, w, _) in zip(roots, entries)], 1)
     biases = [c * w.scale * w.bias.float() for c, w, _ in entries if w.bias is not None]
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding,
                       bias=torch.stack(biases).sum(0) if biases else None)
@@ -286,12 +308,16 @@ def as_weights(adapters: list[Adapter], weights: list[float] | Mapping[str, floa
     from .errors import MethodError
     if weights is None:
         return [1.0] * len(adapters)
-    if isinstance(weights, Mapping):
-        unknown = set(weights) - {a.name for a in adapters}
-        if unknown:
-            raise MethodError(f"weights name unknown adapters: {sorted(unknown)}", key="weights")
-        return [float(weights.get(a.name, 1.0)) for a in adapters]
-    weights = [float(w) for w in weights]
+    try:
+        if isinstance(weights, Mapping):
+            unknown = set(weights) - {a.name for a in adapters}
+            if unknown:
+                raise MethodError(f"weights name unknown adapters: {sorted(unknown)}", key="weights")
+            weights = [weights.get(a.name, 1.0) for a in adapters]
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise MethodError(f"weights must be a list of numbers or a mapping of adapter name to number, got "
+                          f"{weights!r}", key="weights") from None
     if len(weights) != len(adapters):
         raise MethodError(f"got {len(weights)} weights for {len(adapters)} adapters", key="weights")
     if not all(math.isfinite(w) for w in weights):

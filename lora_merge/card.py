@@ -29,7 +29,8 @@ def model_card(adapter, config: dict) -> str:
         lines += ["| input | weight | source | sha256 (adapter_model) |", "|---|---|---|---|"]
         for rec in inputs:
             sha = next((v for k, v in rec.get("files", {}).items() if k.startswith("adapter_model")), "")
-            lines.append(f"| {rec['name']} | {rec['weight']:g} | {rec.get('source') or ''} | `{sha[:16]}` |")
+            source = (rec.get("source") or "").split("@")[0] + (f"@{rec['revision']}" if rec.get("revision") else "")
+            lines.append(f"| {rec['name']} | {rec['weight']:g} | {source} | `{sha[:16]}` |")
         lines.append("")
     params = {k: v for k, v in prov.items() if k not in ("inputs", "method")}
     if params:

@@ -13,14 +13,20 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 # Keys of a PEFT LoraConfig that describe the adapter as a whole and carry over to a merge.
-_CARRIED = ("base_model_name_or_path", "revision", "task_type", "fan_in_fan_out", "layers_pattern",
-            "bias", "lora_dropout", "inference_mode", "init_lora_weights")
+# (`revision` is the base model's revision in PEFT's sense.)
+_CARRIED = ("base_model_name_or_path", "revision", "task_type", "fan_in_fan_out", "bias", "lora_dropout",
+            "inference_mode")
+
+
+def peft_pattern(key: str) -> re.Pattern:
+    """The regex PEFT builds from a rank_pattern / alpha_pattern key (raises re.error if it is invalid)."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """The pattern key PEFT would pick for `module`, or None."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if peft_pattern(key).match(module):
             return key
     return None
 
@@ -49,40 +55,39 @@ def _number(x: float) -> int | float:
     return int(round(x)) if abs(x - round(x)) < 1e-9 * max(1.0, abs(x)) else x
 
 
-def _union_targets(values: list) -> list[str] | str | None:
-    """Union of several `target_modules`: a sorted list, or a regex when any of them is a regex."""
-    values = [v for v in values if v]
-    if not values:
-        return None
-    if all(not isinstance(v, str) for v in values):
-        return sorted(set().union(*map(set, values)))
-    # A list target means "exact name or suffix after a dot"; as a regex that is (.*\.)?(name)
-    parts = []
-    for v in values:
-        parts.append(v if isinstance(v, str) else r"(.*\.)?(" + "|".join(re.escape(t) for t in sorted(v)) + ")")
-    return "|".join(f"({p})" for p in dict.fromkeys(parts))
+def merged_config(configs: list[Mapping], module_sets: list[set[str]]) -> dict:
+    """The adapter-wide part of the config of a merge (ranks and alphas come from `finalize`).
 
-
-def merged_config(configs: list[Mapping]) -> dict:
-    """The adapter-wide part of the config of a merge of these adapters (ranks and alphas come from `finalize`)."""
+    PEFT builds a LoRA layer for every module that `target_modules` / `layers_to_transform` select, and
+    initialises those missing from the file itself. So the inputs' targets are kept only when every input
+    selects the same modules the same way; otherwise `target_modules` lists the exact module paths. Either
+    way `init_lora_weights` is True: a module PEFT builds but the file lacks then adds nothing.
+    """
     first = configs[0]
     out = {k: first[k] for k in _CARRIED if k in first}
     out["peft_type"] = "LORA"
-    out["target_modules"] = _union_targets([c.get("target_modules") for c in configs])
-    layers = {repr(c.get("layers_to_transform")) for c in configs}
-    out["layers_to_transform"] = first.get("layers_to_transform") if len(layers) == 1 else None
-    out["use_rslora"] = False
-    out["use_dora"] = False
-    out["modules_to_save"] = None
+    selectors = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+    def norm(value):
+        return sorted(value) if isinstance(value, (list, tuple, set)) else value
+
+    same = all(norm(c.get(k)) == norm(first.get(k)) for c in configs for k in selectors) and \
+        all(m == module_sets[0] for m in module_sets)
+    if same:
+        out.update({k: first.get(k) for k in selectors})
+    else:
+        out.update(target_modules=sorted(set().union(*module_sets)), layers_to_transform=None,
+                   layers_pattern=None, exclude_modules=None)
+    out.update(init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None)
     return out
 
 
 def finalize(config: Mapping, ranks: Mapping[str, int], scales: Mapping[str, float],
              lora_bias: bool = False) -> dict:
-    """Set r, lora_alpha and the patterns so that PEFT gives every module exactly its rank and scale.
+    r"""Set r, lora_alpha and the patterns so that PEFT gives every module exactly its rank and scale.
 
     The most common rank and alpha become `r` / `lora_alpha`; every module that differs gets an entry in
-    `rank_pattern` / `alpha_pattern` keyed by its escaped full path, which matches that module only.
+    `rank_pattern` / `alpha_pattern` keyed by `^` + its escaped full path. PEFT matches keys with
+    `(.*\.)?(key)$`, so the anchor is what keeps `proj` from also matching `inner.proj`.
     """
     out = dict(config)
     rslora = bool(out.get("use_rslora"))
@@ -91,7 +96,7 @@ def finalize(config: Mapping, ranks: Mapping[str, int], scales: Mapping[str, flo
     alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else out.get("lora_alpha", r)
     out["r"] = r
     out["lora_alpha"] = alpha
-    out["rank_pattern"] = {re.escape(m): rk for m, rk in sorted(ranks.items()) if rk != r}
-    out["alpha_pattern"] = {re.escape(m): a for m, a in sorted(alphas.items()) if a != alpha}
+    out["rank_pattern"] = {"^" + re.escape(m): rk for m, rk in sorted(ranks.items()) if rk != r}
+    out["alpha_pattern"] = {"^" + re.escape(m): a for m, a in sorted(alphas.items()) if a != alpha}
     out["lora_bias"] = lora_bias
     return out

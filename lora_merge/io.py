@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .adapter import Adapter, LoraWeight
-from .config import finalize, module_alpha, module_rank, scaling
+from .config import finalize, module_alpha, module_rank, peft_pattern, scaling
 from .errors import (
     AdapterLoadError,
     LoraMergeError,
@@ -58,10 +58,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+def resolve(source: str | os.PathLike, revision: str | None = None,
+            allow_pickle: bool = False) -> tuple[Path, str | None]:
     """A local folder for `source`: the folder itself, or a Hub snapshot of `org/name[@revision]`.
 
-    Returns (folder, revision or None). Only adapter files are downloaded.
+    Returns (folder, revision or None). Only adapter files are downloaded (the pickle only if allowed).
     """
     path = Path(source).expanduser()
     if path.exists():
@@ -75,7 +76,8 @@ def resolve(source: str | os.PathLike, revision: str | None = None) -> tuple[Pat
     revision = rev or revision
     try:
         from huggingface_hub import snapshot_download
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG, SAFETENSORS, "README.md"])
+        patterns = [CONFIG, SAFETENSORS, "README.md"] + ([PICKLE] if allow_pickle else [])
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; we report one line
         raise AdapterLoadError(f"{text}: not found locally, and the Hub download failed: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=text) from e
@@ -89,7 +91,7 @@ def load(source: str | os.PathLike, *, name: str | None = None, revision: str | 
     Every module becomes a `LoraWeight` (A, B, scale) with its own rank and alpha (rank_pattern,
     alpha_pattern and rsLoRA resolved as PEFT resolves them). Tensors keep their stored dtype.
     """
-    folder, revision = resolve(source, revision)
+    folder, revision = resolve(source, revision, allow_pickle)
     cfg_path = folder / CONFIG
     if not cfg_path.is_file():
         raise AdapterLoadError(f"{cfg_path}: missing; a PEFT adapter folder needs {CONFIG}", file=str(cfg_path))
@@ -111,10 +113,8 @@ def load(source: str | os.PathLike, *, name: str | None = None, revision: str | 
     if not modules:
         raise AdapterLoadError(f"{weights_path}: holds no LoRA tensors (keys like "
                                f"'{PREFIX}<module>.lora_A.weight')", file=str(weights_path))
-    if revision:
-        config = {**config, "revision": revision}
     return Adapter(modules, config, name=name or _default_name(source), source=str(source), files=files,
-                   extra=extra)
+                   extra=extra, revision=revision)
 
 
 def _validate_config(config: dict, file: str) -> None:
@@ -138,7 +138,7 @@ def _validate_config(config: dict, file: str) -> None:
             bad(field, f"must be an object mapping module patterns to values, got {type(patterns).__name__}")
         for key, value in patterns.items():
             try:
-                re.compile(key)
+                peft_pattern(key)
             except re.error as e:
                 bad(f"{field}[{key!r}]", f"is not a valid regular expression ({e})")
             check(f"{field}[{key!r}]", value)
@@ -277,16 +277,23 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
     modules = adapter.modules
     if not modules:
         raise LoraMergeError(f"{adapter.name}: the adapter has no modules (all terms cancelled?); nothing to save")
-    for m, w in modules.items():
-        if not math.isfinite(w.scale) or not bool(torch.isfinite(w.A).all() and torch.isfinite(w.B).all()):
-            raise NonFiniteError(f"{adapter.name}: module {m} of the result holds NaN or Inf", module=m)
     tensors = state_dict(adapter, out_dtype)
+    for key, t in tensors.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            module = key.removeprefix(PREFIX).rsplit(".lora_", 1)[0]
+            raise NonFiniteError(f"{adapter.name}: module {module} of the result holds NaN or Inf in {out_dtype} "
+                                 f"({key}); a larger dtype (dtype='float32') may hold it", module=module, key=key)
+    if not all(math.isfinite(w.scale) for w in modules.values()):
+        raise NonFiniteError(f"{adapter.name}: a module of the result has a non-finite scale")
     config = peft_config(adapter)
     from .card import model_card
 
     created = [p for p in reversed(path.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes 0700; a saved adapter is as readable as any new folder
     old = None
     try:
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt", "lora_merge_version": __version__})

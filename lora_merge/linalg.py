@@ -38,7 +38,7 @@ def select_rank(s: torch.Tensor, rank: int | None = None, energy: float | None =
     """
     k = s.shape[-1]
     if energy is not None:
-        if not 0.0 < energy <= 1.0:
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
             raise MethodError(f"energy must be in (0, 1], got {energy}", key="energy")
         sq = s.double() ** 2
         total = float(sq.sum())
@@ -49,8 +49,8 @@ def select_rank(s: torch.Tensor, rank: int | None = None, energy: float | None =
             # the tolerance keeps energy=1.0 from demanding singular values that are rounding noise
             k = min(k, int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1)
     if rank is not None:
-        if rank < 1:
-            raise MethodError(f"rank must be >= 1, got {rank}", key="rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise MethodError(f"rank must be an integer >= 1, got {rank!r}", key="rank")
         k = min(k, rank)
     return max(1, k)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,12 +18,12 @@ from .adapter import (
     _input_record,
     as_weights,
     check_compatible,
+    combined_config,
     common_dtype,
     concat,
     module_inputs,
     shared_extras,
 )
-from .config import merged_config
 from .errors import MethodError, UnsupportedAdapterError
 from .linalg import dense_svd, factored_svd, truncate
 from .methods import MergeMethod, get_method
@@ -39,8 +40,10 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     `seed`) and the output `rank` / `energy`. A module that an adapter lacks contributes zero to it.
     """
     if isinstance(adapters, Mapping):
-        adapters = [a if a.name == n else _renamed(a, n) for n, a in adapters.items()]
-    adapters = list(adapters)
+        names = list(adapters)
+        adapters = [_as_adapter(a) for a in adapters.values()]
+        adapters = [a if a.name == n else dataclasses.replace(a, name=n) for n, a in zip(names, adapters)]
+    adapters = [_as_adapter(a) for a in adapters]
     if not adapters:
         raise MethodError("merge needs at least one adapter")
     spec = get_method(method)
@@ -50,8 +53,10 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     extra = shared_extras(adapters)
 
     table = module_inputs(adapters, w)
+    if not table:
+        raise MethodError(f"{spec.name}: the adapters have no modules (all terms cancelled?); nothing to merge")
     rank = p.get("rank")
-    if rank is None and spec.default_rank == "max":
+    if rank is None and spec.default_rank == "max" and p.get("energy") is None:
         rank = max(x.rank for entries in table.values() for _, x, _ in entries)
     rng = torch.Generator().manual_seed(p["seed"]) if spec.uses_rng else None
     combine = {"exact": _exact, "factor": _factor, "dense": _dense}[spec.family]
@@ -60,12 +65,18 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     resolved = dict(p, rank=rank) if "rank" in p else dict(p)
     provenance = {"method": spec.name, "params": resolved, "inputs": [_input_record(a, x) for a, x in zip(adapters, w)],
                   "lora_merge_version": __version__}
-    return Adapter(modules, merged_config([a.config for a in adapters]), name=name or f"{spec.name}-merge",
+    return Adapter(modules, combined_config(adapters), name=name or f"{spec.name}-merge",
                    provenance=provenance, extra=extra, storage_dtype=common_dtype(adapters))
 
 
-def _renamed(adapter: Adapter, name: str) -> Adapter:
-    return dataclasses.replace(adapter, name=name)
+def _as_adapter(a) -> Adapter:
+    """Adapters pass through; a path or Hub id is loaded."""
+    if isinstance(a, Adapter):
+        return a
+    if isinstance(a, (str, os.PathLike)):
+        from .io import load
+        return load(a)
+    raise MethodError(f"merge takes Adapter objects, paths or Hub ids, got {type(a).__name__}")
 
 
 def _refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None,

@@ -40,12 +40,14 @@ def test_seed_makes_a_merge_reproducible(same_rank, method):
 
 
 def test_dare_linear_factor_entries_are_dropped_and_rescaled(same_rank):
-    """With one adapter of weight 1, dare_linear's A is sqrt(s) * A with entries dropped and scaled by 1/density."""
+    """With one adapter of weight 1, dare_linear's A and B are sqrt(s) times the adapter's, with entries dropped
+    and the rest scaled by 1/density."""
     a = lm.load(same_rank[0])
     out = lm.merge([a], [1.0], "dare_linear", density=0.25, seed=0)
     m = "model.layers.1.self_attn.v_proj"
     src, got = a.modules[m], out.modules[m]
-    ratio = got.A / (src.scale ** 0.5 * src.A.float())
-    kept = got.A != 0
-    assert torch.allclose(ratio[kept], torch.full_like(ratio[kept], 4.0), rtol=1e-5)
-    assert 0.05 < float(kept.float().mean()) < 0.5
+    for mine, theirs in ((got.A, src.A), (got.B, src.B)):
+        ratio = mine / (src.scale ** 0.5 * theirs.float())
+        kept = mine != 0
+        assert torch.allclose(ratio[kept], torch.full_like(ratio[kept], 4.0), rtol=1e-5)
+        assert 0.05 < float(kept.float().mean()) < 0.5

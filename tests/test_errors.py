@@ -516,3 +516,37 @@ def test_every_error_is_a_lora_merge_error():
         obj = getattr(lm, name)
         if isinstance(obj, type) and name.endswith("Error"):
             assert issubclass(obj, LoraMergeError), name
+
+
+# ---- values that once escaped as bare Python exceptions ---------------------------------------------------------
+@pytest.mark.parametrize("weights", [["0.5x", 1], 0.5, {"a": float("nan")}])
+def test_merge_bad_weight_values(loaded, weights):
+    raises(MethodError, lambda: lm.merge([loaded["a"], loaded["b"]], weights), "weights")
+
+
+@pytest.mark.parametrize("params", [{"seed": 2**70}, {"rank": float("inf")}, {"energy": float("nan")}])
+def test_merge_out_of_range_parameters(loaded, params):
+    key = next(iter(params))
+    err = raises(MethodError, lambda: lm.merge([loaded["a"], loaded["b"]], None, "dare_ties_svd", density=0.5,
+                                               **params), key)
+    assert err.key == key
+
+
+def test_arithmetic_and_compress_bad_values(loaded):
+    a = loaded["a"]
+    raises(MethodError, lambda: a / 0, "zero")
+    raises(MethodError, lambda: a.compress(rank=2.5), "rank")
+    raises(MethodError, lambda: lm.merge([a - a], None, "svd"), "no modules")
+
+
+def test_merge_accepts_paths_and_refuses_other_objects(srcs, loaded):
+    by_path = lm.merge([srcs["a"], str(srcs["b"])], [0.5, 0.5])
+    direct = lm.merge([loaded["a"], loaded["b"]], [0.5, 0.5])
+    torch.testing.assert_close(by_path.delta(Q0), direct.delta(Q0))
+    raises(MethodError, lambda: lm.merge([42]), "int")
+
+
+def test_load_pattern_key_that_peft_cannot_compile(srcs, tmp_path):
+    """'(?i)q' compiles alone but not inside PEFT's (.*\\.)?(key)$ wrapper."""
+    path = edit_config(copy(srcs["a"], tmp_path / "flags"), rank_pattern={"(?i)Q_PROJ": 4})
+    raises(AdapterLoadError, lambda: lm.load(path), "rank_pattern", "regular expression")

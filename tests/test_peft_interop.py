@@ -84,7 +84,10 @@ def test_explicit_rank_matches_peft_svd_rank(mixed_rank, method):
         warnings.simplefilter("ignore")
         model.add_weighted_adapter(["a", "b", "c"], WEIGHTS, "m", combination_type=method, svd_rank=5, **kwargs)
     ours = lm.merge([lm.load(p) for p in mixed_rank], WEIGHTS, method, rank=5, **kwargs)
+    checked = 0
     for path, layer in lora_layers(model).items():
-        if "m" in layer.lora_A:
+        if "m" in layer.lora_A or "m" in layer.lora_embedding_A:
             assert ours.modules[path].rank == 5
             assert rel(ours.delta(path), _peft_delta(layer, "m")) < 1e-5, path
+            checked += 1
+    assert checked == len(ours.modules) and any(w.embedding for w in ours.modules.values())

@@ -15,6 +15,7 @@ the method's parameters, read from the signature, so the CLI, recipes and docs l
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,8 +97,12 @@ def _check(method: str, p: Param, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise MethodError(f"method '{method}': {p.name} must be {kind.__name__}, got {value!r}", key=p.name) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MethodError(f"method '{method}': {p.name} must be finite, got {value!r}", key=p.name)
+    if p.name == "seed" and not 0 <= value < 2**63:
+        raise MethodError(f"method '{method}': seed must be in [0, 2**63), got {value}", key=p.name)
     if p.name == "density" and not 0.0 <= value <= 1.0:
         raise MethodError(f"method '{method}': density must be in [0, 1], got {value}", key=p.name)
     if p.name == "rank" and value < 1:
