@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import BaseModelMismatchError, ShapeMismatchError, UnsupportedAdapterError
-from .linalg import factored_svd, truncate
+from .linalg import lowrank
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -150,8 +150,7 @@ class Adapter:
             return self.storage_dtype
         if self._terms is not None:
             return common_dtype([leaf for _, leaf in self._terms])
-        dtypes = {w.A.dtype for w in self.modules.values()}
-        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+        return _single_dtype({w.A.dtype for w in self.modules.values()})
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense update of one module, in `dtype`."""
@@ -168,8 +167,7 @@ class Adapter:
         modules = {}
         for path, w in self.modules.items():
             _check_plain(self, path, w, "compress")
-            u, s, vh = factored_svd(w.B.float() * w.scale, w.A.float())
-            B, A = truncate(u, s, vh, rank, energy)
+            B, A = lowrank(w.B.float() * w.scale, w.A.float(), rank, energy)
             modules[path] = LoraWeight(A=A, B=B, scale=1.0, embedding=w.embedding, bias=_scaled_bias(w))
         prov = dict(self.provenance) or {"inputs": [_input_record(self, 1.0)]}
         prov["compress"] = {"rank": rank, "energy": energy}
@@ -183,10 +181,19 @@ class Adapter:
 
 
 # ---- helpers shared with the merge methods ----------------------------------------------------------------
+def _single_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def common_dtype(adapters: list[Adapter]) -> torch.dtype:
     """The storage dtype shared by the adapters, or float32 when they differ."""
-    dtypes = {a.dtype for a in adapters}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return _single_dtype({a.dtype for a in adapters})
+
+
+def split_weight(weight: float) -> tuple[float, float]:
+    """PEFT's split of a term's weight (times its scale) over the factors: sqrt|w| on each, the sign on A."""
+    root = math.sqrt(abs(weight))
+    return math.copysign(root, weight), root
 
 
 def _input_record(adapter: Adapter, weight: float) -> dict:
@@ -295,9 +302,9 @@ def concat(path: str, entries: list[tuple[float, LoraWeight, Adapter]]) -> LoraW
     split as sqrt(|c s|) on both factors (sign on A), which keeps both in range when stored in float16."""
     for _, w, a in entries:
         _check_plain(a, path, w, "sum")
-    roots = [math.sqrt(abs(c * w.scale)) for c, w, _ in entries]
-    A = torch.cat([math.copysign(r, c * w.scale) * w.A.float() for r, (c, w, _) in zip(roots, entries)], 0)
-    B = torch.cat([r * w.B.float() for r, (_, w, _) in zip(roots, entries)], 1)
+    splits = [split_weight(c * w.scale) for c, w, _ in entries]
+    A = torch.cat([wa * w.A.float() for (wa, _), (_, w, _) in zip(splits, entries)], 0)
+    B = torch.cat([wb * w.B.float() for (_, wb), (_, w, _) in zip(splits, entries)], 1)
     biases = [c * w.scale * w.bias.float() for c, w, _ in entries if w.bias is not None]
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding,
                       bias=torch.stack(biases).sum(0) if biases else None)

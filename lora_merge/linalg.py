@@ -63,3 +63,9 @@ def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int | Non
     """
     k = select_rank(s, rank, energy)
     return u[:, :k] * s[:k], vh[:k].contiguous()
+
+
+def lowrank(B: torch.Tensor, A: torch.Tensor, rank: int | None = None,
+            energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B', A') of the best approximation of `B @ A` at the selected rank, via the factored SVD."""
+    return truncate(*factored_svd(B, A), rank, energy)

@@ -23,9 +23,10 @@ from .adapter import (
     concat,
     module_inputs,
     shared_extras,
+    split_weight,
 )
 from .errors import MethodError, UnsupportedAdapterError
-from .linalg import dense_svd, factored_svd, truncate
+from .linalg import dense_svd, lowrank, truncate
 from .methods import MergeMethod, get_method
 
 Entries = list[tuple[float, LoraWeight, Adapter]]
@@ -39,10 +40,9 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     `weights` defaults to 1.0 per adapter. `params` are the method's own (`density`, `majority_sign_method`,
     `seed`) and the output `rank` / `energy`. A module that an adapter lacks contributes zero to it.
     """
-    if isinstance(adapters, Mapping):
-        names = list(adapters)
-        adapters = [_as_adapter(a) for a in adapters.values()]
-        adapters = [a if a.name == n else dataclasses.replace(a, name=n) for n, a in zip(names, adapters)]
+    if isinstance(adapters, Mapping):   # the mapping's keys name the adapters
+        adapters = [dataclasses.replace(a, name=n) if a.name != n else a
+                    for n, a in zip(adapters, map(_as_adapter, adapters.values()))]
     adapters = [_as_adapter(a) for a in adapters]
     if not adapters:
         raise MethodError("merge needs at least one adapter")
@@ -79,16 +79,11 @@ def _as_adapter(a) -> Adapter:
     raise MethodError(f"merge takes Adapter objects, paths or Hub ids, got {type(a).__name__}")
 
 
-def _refactor(B: torch.Tensor, A: torch.Tensor, rank: int | None,
-              energy: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return truncate(*factored_svd(B, A), rank, energy)
-
-
 def _exact(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
     w = concat(path, entries)
     if rank is None and p.get("energy") is None:
         return w
-    B, A = _refactor(w.B, w.A, rank, p.get("energy"))
+    B, A = lowrank(w.B, w.A, rank, p.get("energy"))
     return LoraWeight(A=A, B=B, scale=1.0, embedding=w.embedding, bias=w.bias)
 
 
@@ -112,33 +107,29 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
     if spec.split == "pem":
         wa = [abs(c) * math.sqrt(x.scale) for c, x, _ in entries]
         wb = [c * math.sqrt(x.scale) for c, x, _ in entries]
-    else:  # PEFT: sqrt(|w s|) on both factors, the sign on A
-        wa = [math.copysign(math.sqrt(abs(c * x.scale)), c * x.scale) for c, x, _ in entries]
-        wb = [math.sqrt(abs(c * x.scale)) for c, x, _ in entries]
-    op_params = {k: v for k, v in p.items() if k in _op_params(spec)}
-    if rng is not None:
-        op_params["rng"] = rng
-    A = spec.op(torch.stack([x.A.float() for _, x, _ in entries]), torch.tensor(wa), **op_params)
-    B = spec.op(torch.stack([x.B.float() for _, x, _ in entries]), torch.tensor(wb), **op_params)
+    else:  # PEFT
+        wa, wb = zip(*(split_weight(c * x.scale) for c, x, _ in entries))
+    kwargs = _op_kwargs(spec, p, rng)
+    A = spec.op(torch.stack([x.A.float() for _, x, _ in entries]), torch.tensor(wa), **kwargs)
+    B = spec.op(torch.stack([x.B.float() for _, x, _ in entries]), torch.tensor(wb), **kwargs)
     if rank is not None or p.get("energy") is not None:
-        B, A = _refactor(B, A, rank, p.get("energy"))
+        B, A = lowrank(B, A, rank, p.get("energy"))
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
 
 
 def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
     _plain_only(spec, path, entries)
-    op_params = {k: v for k, v in p.items() if k in _op_params(spec)}
-    if rng is not None:
-        op_params["rng"] = rng
     deltas = torch.stack([x.delta(torch.float32) for _, x, _ in entries])
-    delta = spec.op(deltas, torch.tensor([c for c, _, _ in entries], dtype=torch.float32), **op_params)
+    delta = spec.op(deltas, torch.tensor([c for c, _, _ in entries], dtype=torch.float32), **_op_kwargs(spec, p, rng))
     del deltas
     B, A = truncate(*dense_svd(delta), rank, p.get("energy"))
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
 
 
-def _op_params(spec: MergeMethod) -> set[str]:
-    return set(spec.params) - {"rank", "energy", "seed"}
+def _op_kwargs(spec: MergeMethod, p: dict, rng: torch.Generator | None) -> dict:
+    """The resolved parameters that the method's tensor operation takes, and its random generator."""
+    kwargs = {k: v for k, v in p.items() if k not in ("rank", "energy", "seed")}
+    return kwargs | ({"rng": rng} if rng is not None else {})
 
 
 __all__ = ["merge"]
