@@ -51,6 +51,13 @@ class LoraWeight:
         """(out, in) of `B @ A`."""
         return self.B.shape[0], self.A.shape[1]
 
+    def to(self, device: torch.device | str) -> LoraWeight:
+        """The same update with its tensors on `device`."""
+        def move(t):
+            return None if t is None else t.to(device)
+        return LoraWeight(A=move(self.A), B=move(self.B), scale=self.scale, embedding=self.embedding,
+                          magnitude=move(self.magnitude), bias=move(self.bias))
+
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense update `scale * B @ A` (out x in). Builds an m x n matrix: use for one module at a time."""
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))

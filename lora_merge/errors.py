@@ -52,3 +52,16 @@ class ExpressionError(LoraMergeError):
 
 class OutputExistsError(LoraMergeError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class RecipeError(LoraMergeError):
+    """A YAML recipe is malformed: unknown keys, wrong types, unknown methods. Lists every problem at once."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
+                 problems: list[tuple[int | None, str, str]] | None = None):
+        super().__init__(message, file=file, key=key)
+        self.problems = problems or []      # (line, key path, message)
+
+
+class HubError(LoraMergeError):
+    """A Hub download or upload failed (missing repo, revision or file; refused token; server error)."""

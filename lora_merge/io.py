@@ -74,14 +74,8 @@ def resolve(source: str | os.PathLike, revision: str | None = None,
         raise AdapterLoadError(f"{text}: no such adapter folder", file=text)
     repo_id, _, rev = text.partition("@")
     revision = rev or revision
-    try:
-        from huggingface_hub import snapshot_download
-        patterns = [CONFIG, SAFETENSORS, "README.md"] + ([PICKLE] if allow_pickle else [])
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; we report one line
-        raise AdapterLoadError(f"{text}: not found locally, and the Hub download failed: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=text) from e
-    return Path(folder), revision
+    from .hub import download
+    return download(repo_id, revision, allow_pickle=allow_pickle), revision
 
 
 def load(source: str | os.PathLike, *, name: str | None = None, revision: str | None = None,

@@ -47,7 +47,8 @@ def select_rank(s: torch.Tensor, rank: int | None = None, energy: float | None =
         else:
             share = torch.cumsum(sq, 0) / total
             # the tolerance keeps energy=1.0 from demanding singular values that are rounding noise
-            k = min(k, int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1)
+            target = torch.tensor(energy - 1e-12, dtype=share.dtype, device=share.device)
+            k = min(k, int(torch.searchsorted(share, target)) + 1)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise MethodError(f"rank must be an integer >= 1, got {rank!r}", key="rank")

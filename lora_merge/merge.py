@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,11 +34,14 @@ Entries = list[tuple[float, LoraWeight, Adapter]]
 
 def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
           weights: Sequence[float] | Mapping[str, float] | None = None, method: str = "sum", *,
-          name: str | None = None, allow_base_mismatch: bool = False, **params: Any) -> Adapter:
+          name: str | None = None, allow_base_mismatch: bool = False, device: str | torch.device = "cpu",
+          progress: Callable[[str], None] | None = None, **params: Any) -> Adapter:
     """Combine adapters into one with a registered method (see `lora_merge.METHODS`).
 
     `weights` defaults to 1.0 per adapter. `params` are the method's own (`density`, `majority_sign_method`,
     `seed`) and the output `rank` / `energy`. A module that an adapter lacks contributes zero to it.
+    `device` ("cpu", "cuda", "auto") is where each module is computed; results come back to the CPU.
+    `progress(module)` is called after each module.
     """
     if isinstance(adapters, Mapping):   # the mapping's keys name the adapters
         adapters = [dataclasses.replace(a, name=n) if a.name != n else a
@@ -60,13 +63,36 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
         rank = max(x.rank for entries in table.values() for _, x, _ in entries)
     rng = torch.Generator().manual_seed(p["seed"]) if spec.uses_rng else None
     combine = {"exact": _exact, "factor": _factor, "dense": _dense}[spec.family]
-    modules = {path: combine(spec, path, entries, p, rng, rank) for path, entries in table.items()}
+    dev = resolve_device(device)
+    modules = {}
+    for path, entries in table.items():
+        if dev.type != "cpu":
+            entries = [(c, x.to(dev), a) for c, x, a in entries]
+        modules[path] = combine(spec, path, entries, p, rng, rank).to("cpu")
+        if progress is not None:
+            progress(path)
 
     resolved = dict(p, rank=rank) if "rank" in p else dict(p)
     provenance = {"method": spec.name, "params": resolved, "inputs": [_input_record(a, x) for a, x in zip(adapters, w)],
                   "lora_merge_version": __version__}
     return Adapter(modules, combined_config(adapters), name=name or f"{spec.name}-merge",
                    provenance=provenance, extra=extra, storage_dtype=common_dtype(adapters))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"cpu", "cuda[:n]", or "auto" (CUDA when present) as a torch.device; a clear error if CUDA is missing."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MethodError(f"unknown device {device!r}; use cpu, cuda or auto", key="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MethodError("device 'cuda' was asked for, but torch sees no CUDA device here; use cpu or auto",
+                          key="device")
+    if dev.type not in ("cpu", "cuda"):
+        raise MethodError(f"device {device!r} is not supported; use cpu, cuda or auto", key="device")
+    return dev
 
 
 def _as_adapter(a) -> Adapter:
@@ -110,8 +136,9 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
     else:  # PEFT
         wa, wb = zip(*(split_weight(c * x.scale) for c, x, _ in entries))
     kwargs = _op_kwargs(spec, p, rng)
-    A = spec.op(torch.stack([x.A.float() for _, x, _ in entries]), torch.tensor(wa), **kwargs)
-    B = spec.op(torch.stack([x.B.float() for _, x, _ in entries]), torch.tensor(wb), **kwargs)
+    dev = entries[0][1].A.device
+    A = spec.op(torch.stack([x.A.float() for _, x, _ in entries]), torch.tensor(wa, device=dev), **kwargs)
+    B = spec.op(torch.stack([x.B.float() for _, x, _ in entries]), torch.tensor(wb, device=dev), **kwargs)
     if rank is not None or p.get("energy") is not None:
         B, A = lowrank(B, A, rank, p.get("energy"))
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
@@ -120,7 +147,8 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
 def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
     _plain_only(spec, path, entries)
     deltas = torch.stack([x.delta(torch.float32) for _, x, _ in entries])
-    delta = spec.op(deltas, torch.tensor([c for c, _, _ in entries], dtype=torch.float32), **_op_kwargs(spec, p, rng))
+    coefs = torch.tensor([c for c, _, _ in entries], dtype=torch.float32, device=deltas.device)
+    delta = spec.op(deltas, coefs, **_op_kwargs(spec, p, rng))
     del deltas
     B, A = truncate(*dense_svd(delta), rank, p.get("energy"))
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
@@ -132,4 +160,4 @@ def _op_kwargs(spec: MergeMethod, p: dict, rng: torch.Generator | None) -> dict:
     return kwargs | ({"rng": rng} if rng is not None else {})
 
 
-__all__ = ["merge"]
+__all__ = ["merge", "resolve_device"]

@@ -22,8 +22,9 @@ def drop_and_rescale(stack: torch.Tensor, density: float, rng: torch.Generator |
         return stack
     if density <= 0.0:
         return torch.zeros_like(stack)
-    keep = torch.bernoulli(torch.full_like(stack, density), generator=rng)
-    return stack * keep / density
+    # the mask is drawn on the CPU, where the generator lives, so a seed gives the same mask on every device
+    keep = torch.bernoulli(torch.full(stack.shape, density, dtype=stack.dtype), generator=rng)
+    return stack * keep.to(stack.device) / density
 
 
 def dare_linear(stack: torch.Tensor, weights: torch.Tensor, *, density: float,
