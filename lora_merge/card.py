@@ -1,40 +1,130 @@
-"""The README.md model card written beside every saved adapter: what went in, with which weights, and how."""
+"""The model card (README.md) written beside every saved adapter: what went in, with which weights, how, and
+the recipe that makes it again. Built with huggingface_hub's `ModelCard` / `ModelCardData`, so the Hub reads
+its metadata (`base_model`, `library_name: peft`, tags)."""
 
 from __future__ import annotations
 
 import json
+import os
+
+import yaml
 
 from . import __version__
 
+_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+
 
 def model_card(adapter, config: dict) -> str:
-    """A Hub-style model card (YAML front matter + markdown) recording the merge's provenance."""
+    """The card's text: YAML metadata, then a markdown body that records the merge's provenance."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .methods import METHODS
+
     prov = adapter.provenance or {}
+    meta = prov.get("metadata") or {}
     base = config.get("base_model_name_or_path")
     method = prov.get("method")
-    tags = ["lora", "lora-merge"] + ([method] if method else []) + ([f"base_model:adapter:{base}"] if base else [])
-    front = ["---"]
+    tags = ["lora", "lora-merge"] + ([method] if method else []) + list(meta.get("tags") or [])
     if base:
-        front.append(f"base_model: {base}")
-    front.append("library_name: peft")
-    front.append("tags:")
-    front += [f"- {t}" for t in tags]
-    front.append("---")
+        tags.append(f"base_model:adapter:{base}")
+    data = ModelCardData(base_model=base, library_name="peft", tags=list(dict.fromkeys(tags)),
+                         license=meta.get("license"), language=meta.get("language"), datasets=meta.get("datasets"))
 
+    spec = METHODS.get(method or "")
+    paper = f" ([paper]({spec.url}))" if spec is not None and spec.url else ""
     lines = [f"# {adapter.name}", ""]
-    if method:
-        lines += [f"A LoRA adapter made by lora-merge {__version__} with the `{method}` method.", ""]
+    on = f" for `{base}`" if base else ""
+    lines += [f"A LoRA adapter{on} made by lora-merge {__version__}"
+              + (f" with the `{method}` method{paper}." if method else "."), ""]
+    if meta.get("description"):
+        lines += [meta["description"], ""]
+
     inputs = prov.get("inputs") or []
     if inputs:
-        lines += ["| input | weight | source | sha256 (adapter_model) |", "|---|---|---|---|"]
+        lines += ["## Inputs", "",
+                  "| input | weight | source | revision | sha256 adapter_model | sha256 adapter_config |",
+                  "|---|---|---|---|---|---|"]
         for rec in inputs:
-            sha = next((v for k, v in rec.get("files", {}).items() if k.startswith("adapter_model")), "")
-            source = (rec.get("source") or "").split("@")[0] + (f"@{rec['revision']}" if rec.get("revision") else "")
-            lines.append(f"| {rec['name']} | {rec['weight']:g} | {source} | `{sha[:16]}` |")
+            files = rec.get("files", {})
+            model_sha = next((v for k, v in files.items() if k.startswith("adapter_model")), "")
+            config_sha = files.get("adapter_config.json", "")
+            lines.append(f"| {rec['name']} | {rec['weight']:g} | {_source(rec)} | {rec.get('revision') or ''} | "
+                         f"`{model_sha}` | `{config_sha}` |")
         lines.append("")
-    params = {k: v for k, v in prov.items() if k not in ("inputs", "method")}
+
+    params = {k: v for k, v in (prov.get("params") or {}).items() if v is not None}
+    extra = {k: v for k, v in prov.items() if k not in ("inputs", "method", "params", "recipe", "metadata",
+                                                          "lora_merge_version")}
+    lines += ["## Method", "", f"`{method or 'none'}`" + (" with parameters:" if params else " (no parameters)."), ""]
     if params:
-        lines += ["Parameters:", "", "```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", ""]
+        lines += ["```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", ""]
+    if extra:
+        lines += ["Then:", "", "```json", json.dumps(extra, indent=2, sort_keys=True, default=str), "```", ""]
     ranks = sorted({w.rank for w in adapter.modules.values()})
-    lines += [f"Modules: {len(adapter.modules)}; ranks: {ranks}.", ""]
-    return "\n".join(front + [""] + lines)
+    lines += [f"Modules: {len(adapter.modules)}; ranks: {ranks[0]}..{ranks[-1]}; "
+              f"lora-merge version: {prov.get('lora_merge_version') or __version__}.", ""]
+
+    if base:
+        lines += ["## Use", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                  'model = PeftModel.from_pretrained(base, "path/or/repo-of-this-adapter")', "```", ""]
+
+    recipe = prov.get("recipe") or recipe_of(adapter)
+    if recipe:
+        lines += ["## Reproduce", "", "Save this recipe as `recipe.yaml` and run "
+                  "`lora-merge merge recipe.yaml -o out`. Local paths are as they were given to lora-merge; a recipe "
+                  "reads relative paths from its own folder.", "",
+                  "```yaml", recipe.rstrip("\n"), "```", ""]
+    body = "\n".join(lines)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content
+
+
+def _source(rec: dict) -> str:
+    """Where an input came from: a Hub id, or a local path (relative to the working directory when inside it,
+    so that a card pushed to the Hub does not carry the user's home directory)."""
+    return display_path((rec.get("source") or "(in memory)").split("@")[0])
+
+
+def display_path(path: str) -> str:
+    if not os.path.isabs(path):
+        return path
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:           # another drive (Windows)
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def recipe_of(adapter) -> str | None:
+    """A recipe that remakes `adapter` from its inputs, when its provenance says enough to."""
+    prov = adapter.provenance or {}
+    method, inputs = prov.get("method"), prov.get("inputs") or []
+    if not method or not inputs or any(not rec.get("source") for rec in inputs):
+        return None
+    params = dict(prov.get("params") or {})
+    compress = prov.get("compress")
+    if compress:
+        if method != "sum":
+            return None                    # a compression after another method is not one recipe step
+        method = "svd"
+        params.update({k: v for k, v in compress.items() if v is not None})
+    recipe: dict = {"name": adapter.name, "method": method}
+    own = {k: v for k, v in params.items() if k not in ("rank", "energy", "seed") and v is not None}
+    if own:
+        recipe["parameters"] = own
+    recipe["inputs"] = []
+    for rec in inputs:
+        source = rec["source"].split("@")[0] + (f"@{rec['revision']}" if rec.get("revision") else "")
+        item = {"adapter": source}
+        if rec.get("name", "").isidentifier():
+            item["name"] = rec["name"]
+        item["weight"] = rec["weight"]
+        recipe["inputs"].append(item)
+    for key in ("rank", "energy", "seed"):
+        if params.get(key) is not None:
+            recipe[key] = params[key]
+    dtype = _TORCH_DTYPES.get(str(adapter.dtype))
+    if dtype:
+        recipe["dtype"] = dtype
+    return yaml.safe_dump(recipe, sort_keys=False)

@@ -284,7 +284,7 @@ class _Checker:
                               f"its parameters: {', '.join(p for p in spec.params if p not in ('rank', 'energy'))}")
             else:
                 try:
-                    out[k] = spec.resolve({k: v})[k]
+                    out[k] = spec.check(k, v)
                 except MethodError as e:
                     self.bad(key, str(e).removeprefix(f"method '{method}': "))
         for name, p in spec.params.items():
@@ -313,7 +313,7 @@ class _Checker:
                 if not isinstance(v, str):
                     self.bad(key, f"expected a path to a JSONL file, got {_kind(v)}")
                     continue
-                v = str(self.root / Path(v).expanduser())
+                v = os.path.normpath(self.root / Path(v).expanduser())
                 if not Path(v).is_file():
                     self.bad(key, f"{v}: no such file")
                     continue
@@ -366,7 +366,7 @@ class _Checker:
 
     def sources(self, adapter: str, revision: str | None, key: tuple) -> list[tuple[str, str | None]]:
         """The folders (or the Hub id) an `adapter` entry stands for."""
-        local = self.root / Path(adapter).expanduser()
+        local = Path(os.path.normpath(self.root / Path(adapter).expanduser()))
         if any(c in adapter for c in "*?["):
             found = sorted(p for p in glob.glob(str(local)) if Path(p).is_dir())
             if not found:
@@ -396,9 +396,13 @@ class _Checker:
                                       f"(input '{weighted[0].name}' has a weight)")
         try:
             from .expr import parse
-            parse(expression, {i.name for i in inputs})
+            used = parse(expression, {i.name for i in inputs})
         except ExpressionError as e:
-            self.bad(("expression",), " ".join(str(e).split("\n")[:1]))
+            self.bad(("expression",), str(e).split("\n")[0])
+            return expression
+        unused = [i.name for i in inputs if i.name not in used]
+        if unused:
+            self.bad(("expression",), f"does not use the input(s) {', '.join(unused)}; use them or remove them")
         return expression
 
     def output(self, data: dict, recipe: Recipe) -> None:
@@ -407,7 +411,7 @@ class _Checker:
         out = self.mapping(data["output"], ("output",), OUTPUT_KEYS)
         path = self.typed(out, ("output", "path"), "str")
         if path is not None:
-            recipe.output = self.root / Path(path).expanduser()
+            recipe.output = Path(os.path.normpath(self.root / Path(path).expanduser()))
         meta = out.get("metadata")
         if meta is None:
             return

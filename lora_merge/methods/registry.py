@@ -79,6 +79,10 @@ class MergeMethod:
             out[p.name] = _check(self.name, p, value)
         return out
 
+    def check(self, name: str, value: Any) -> Any:
+        """One parameter's value, checked and converted (MethodError if it is not valid)."""
+        return _check(self.name, self.params[name], value)
+
 
 def _check(method: str, p: Param, value: Any) -> Any:
     choices = p.choices

@@ -1,0 +1,129 @@
+"""Running a recipe: load its inputs, merge, save; or describe what a run would do (`plan`, for --dry-run)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .adapter import Adapter, check_compatible, module_inputs
+from .errors import BaseModelMismatchError, LoraMergeError, MethodError, OutputExistsError
+from .io import load
+from .merge import merge, resolve_device
+from .methods import get_method
+from .recipe import LORAHUB, Recipe
+
+
+class Steps:
+    """Progress hooks; the CLI draws them with rich. `start` a stage of `total` items, `advance` one."""
+
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, stage: str, item: str) -> None:
+        pass
+
+
+def load_inputs(recipe: Recipe, steps: Steps | None = None) -> list[Adapter]:
+    """Load every input of the recipe, and check them against its `base_model`."""
+    steps = steps or Steps()
+    steps.start("load", len(recipe.inputs))
+    adapters = []
+    for inp in recipe.inputs:
+        adapter = load(inp.source, name=inp.name, revision=inp.revision)
+        if (recipe.base_model and adapter.base_model and adapter.base_model != recipe.base_model
+                and not recipe.allow_base_mismatch):
+            raise BaseModelMismatchError(
+                f"{_where(recipe, inp.line)}: input '{inp.name}' ({inp.source}) was trained on {adapter.base_model}, "
+                f"but the recipe's base_model is {recipe.base_model}; set allow_base_mismatch: true if you mean it",
+                file=inp.source, key="base_model")
+        adapters.append(adapter)
+        steps.advance("load", inp.name)
+    check_compatible(adapters, recipe.allow_base_mismatch)
+    return adapters
+
+
+def _where(recipe: Recipe, line: int | None) -> str:
+    return f"{recipe.path or '<recipe>'}" + (f", line {line}" if line else "")
+
+
+def output_path(recipe: Recipe, out: str | os.PathLike | None) -> Path:
+    if out is not None:
+        return Path(out)
+    if recipe.output is not None:
+        return recipe.output
+    raise LoraMergeError(f"{recipe.path or '<recipe>'}: no output folder; pass -o OUT or set output.path",
+                         file=str(recipe.path) if recipe.path else None, key="output")
+
+
+def plan(recipe: Recipe, out: str | os.PathLike | None = None, *, device: str | None = None) -> dict:
+    """What `run` would do, without computing: inputs, modules, ranks, method and output. Loads the inputs."""
+    adapters = load_inputs(recipe)
+    weights = recipe.weights
+    w = [weights.get(i.name, 0.0) for i in recipe.inputs] if recipe.method != LORAHUB else [None] * len(adapters)
+    table = module_inputs(adapters, [1.0] * len(adapters))
+    shapes: dict[str, int] = {}
+    for entries in table.values():
+        key = "x".join(map(str, entries[0][1].shape))
+        shapes[key] = shapes.get(key, 0) + 1
+    if recipe.method == LORAHUB:      # LoraHub's factor composition keeps the rank; the exact delta adds them
+        params = dict(recipe.parameters)
+        ranks = [x.rank for entries in table.values() for _, x, _ in entries]
+        rank = recipe.rank or (max(ranks) if params.get("compose") == "factor" else None)
+    else:
+        params = get_method(recipe.method).resolve(recipe.merge_params)
+        rank = params.get("rank")
+        if rank is None and get_method(recipe.method).default_rank == "max" and params.get("energy") is None:
+            rank = max(x.rank for entries in table.values() for _, x, _ in entries)
+    target = None
+    try:
+        target = output_path(recipe, out)
+    except LoraMergeError:
+        pass
+    return {
+        "recipe": str(recipe.path) if recipe.path else None,
+        "name": recipe.name,
+        "method": recipe.method,
+        "parameters": params,
+        "base_model": recipe.base_model or next((a.base_model for a in adapters if a.base_model), None),
+        "device": str(resolve_device(device or recipe.device)),
+        "inputs": [{"name": i.name, "source": i.source, "revision": i.revision, "weight": wi,
+                    "base_model": a.base_model, "modules": len(a.modules),
+                    "ranks": sorted({x.rank for x in a.modules.values()}), "dtype": str(a.dtype).removeprefix("torch.")}
+                   for i, a, wi in zip(recipe.inputs, adapters, w)],
+        "modules": len(table),
+        "shapes": shapes,
+        "output": {"path": str(target) if target else None, "exists": bool(target and target.exists()),
+                   "rank": rank if rank is not None else ("per module, by energy" if params.get("energy")
+                                                           else "sum of the input ranks"),
+                   "dtype": recipe.dtype or str(adapters[0].dtype if len({a.dtype for a in adapters}) == 1
+                                                else "float32").removeprefix("torch.")},
+    }
+
+
+def run(recipe: Recipe, out: str | os.PathLike | None = None, *, force: bool = False, device: str | None = None,
+        steps: Steps | None = None) -> tuple[Adapter, Path]:
+    """Run the recipe: merge its inputs and save the result as a PEFT folder. Returns (adapter, folder)."""
+    steps = steps or Steps()
+    if recipe.method == LORAHUB:
+        raise MethodError(f"{recipe.path or '<recipe>'}: the recipe is valid, but the LoraHub search is not part "
+                          "of this version of lora-merge yet (planned: `lora-merge hub`); --dry-run shows the plan",
+                          key="method")
+    target = output_path(recipe, out)
+    if target.exists() and not force:                 # before any loading: fail fast
+        raise OutputExistsError(f"{target}: already exists; pass --force to overwrite it", file=str(target))
+    dev = resolve_device(device or recipe.device)
+    adapters = load_inputs(recipe, steps)
+    weights = recipe.weights
+    n_modules = len(set().union(*(a.modules for a in adapters)))
+    steps.start("merge", n_modules)
+    merged = merge(adapters, [weights.get(i.name, 0.0) for i in recipe.inputs], recipe.method,
+                   name=recipe.name or (recipe.path.stem if recipe.path else None),
+                   allow_base_mismatch=recipe.allow_base_mismatch, device=dev,
+                   progress=lambda m: steps.advance("merge", m), **recipe.merge_params)
+    merged.provenance["recipe"] = recipe.text or None
+    merged.provenance["metadata"] = dict(recipe.metadata)
+    merged.save(target, force=force, dtype=recipe.dtype)
+    return merged, target
+
+
+__all__ = ["plan", "run", "load_inputs", "output_path", "Steps"]
