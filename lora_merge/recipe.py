@@ -175,7 +175,12 @@ def _compose(text: str, file: str) -> tuple[Any, dict[tuple, int], list]:
 
     if node is None:
         raise RecipeError(f"{file}: the recipe is empty", file=file)
-    return build(node, ()), lines, problems
+    try:
+        return build(node, ()), lines, problems
+    except yaml.YAMLError as e:        # e.g. a !!python tag, which the safe loader refuses to construct
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(f"{file}: {where}{getattr(e, 'problem', None) or e}", file=file) from None
 
 
 def _dotted(key: tuple) -> str:
