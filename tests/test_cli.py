@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import rel
 from typer.testing import CliRunner
 
@@ -49,3 +50,109 @@ def test_methods_lists_the_registry():
     listed = json.loads(r.stdout)
     assert set(listed) == set(lm.METHODS)
     assert listed["ties"]["params"]["density"]["required"] is True
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_merge_runs_a_recipe_and_prints_json(tmp_path):
+    out = tmp_path / "ta"
+    r = _run("merge", str(ROOT / "recipes" / "task_arithmetic.yaml"), "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["output"] == str(out) and summary["method"] == "sum" and summary["ranks"] == [16]
+    assert [i["weight"] for i in summary["inputs"]] == [0.7, 0.7] and summary["pushed"] is None
+    assert (out / "adapter_model.safetensors").is_file()
+    r = _run("merge", str(ROOT / "recipes" / "task_arithmetic.yaml"), "-o", str(out))
+    assert r.returncode == 2 and "already exists; pass --force" in r.stderr
+    r = _run("merge", str(ROOT / "recipes" / "task_arithmetic.yaml"), "-o", str(out), "--force", "--quiet")
+    assert r.returncode == 0 and r.stdout.startswith(f"saved {out} (sum, 60 modules, rank 16)") and not r.stderr
+
+
+def test_a_bad_recipe_lists_every_problem_and_exits_2(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("method: tie\ninputs: [nowhere/folder/x]\nrnak: 3\n")
+    r = _run("merge", str(recipe), "--dry-run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"error: {recipe}: 3 problems in the recipe"
+    assert lines[1].startswith("  line 1, method: unknown merge method 'tie' (did you mean 'ties'?)")
+    assert lines[3].startswith("  line 3, rnak: unknown key (did you mean 'rank'?)")
+
+
+def test_dry_run_prints_the_plan_as_a_table(tmp_path):
+    r = _run("merge", str(ROOT / "recipes" / "ties.yaml"), "--dry-run", "-o", str(tmp_path / "x"))
+    assert r.returncode == 0, r.stderr
+    assert "dry run: nothing is computed or written" in r.stdout
+    assert "method: ties_svd (density=0.5, majority_sign_method=total, rank=16)" in r.stdout
+    assert "modules: 60 (30 x 576x576, 30 x 192x576)" in r.stdout
+    assert "subtraction" in r.stdout and not (tmp_path / "x").exists()
+
+
+def test_inspect_reports_norms_and_the_rank_really_used(tmp_path):
+    a = lm.load(EXAMPLES / "addition")
+    (a + lm.load(EXAMPLES / "addition")).save(tmp_path / "twice")   # stored at rank 16; its updates have rank 8
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "twice"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["ranks"] == [16] and info["n_modules"] == 60 and info["base_model"].endswith("SmolLM2-135M-Instruct")
+    m = "model.layers.2.self_attn.v_proj"
+    row = next(x for x in info["modules"] if x["module"] == m)
+    s = torch.linalg.svdvals(2 * a.delta(m, torch.float64))
+    assert abs(row["norm"] - float(s.norm())) < 1e-3 * float(s.norm())
+    assert abs(row["top_singular_value"] - float(s[0])) < 1e-3 * float(s[0])
+    share = torch.cumsum(s**2, 0) / (s**2).sum()
+    assert row["rank_90"] == int((share < 0.9).sum()) + 1 and row["rank_99"] <= 8
+    assert len(info["energy_profile"]) == 16 and abs(info["energy_profile"][7] - 1.0) < 1e-6
+    r = _run("inspect", str(EXAMPLES / "intent"))
+    assert r.returncode == 0, r.stderr
+    assert "r=8, lora_alpha=16" in r.stdout and "energy profile" in r.stdout and "rank@99%" in r.stdout
+
+
+def test_other_failures_exit_1_with_one_line_and_debug_shows_the_traceback(monkeypatch, tmp_path):
+    import lora_merge.summary
+
+    def broken(adapter):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(lora_merge.summary, "describe", broken)
+    runner = CliRunner()
+    r = runner.invoke(app, ["inspect", str(EXAMPLES / "intent")])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "error: RuntimeError: something unexpected (run with --debug for the traceback)"
+    r = runner.invoke(app, ["--debug", "inspect", str(EXAMPLES / "intent")])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+    from lora_merge.cli._common import state
+    state.debug = False
+    monkeypatch.setenv("LORA_MERGE_DEBUG", "1")
+    r = runner.invoke(app, ["compose", "x", "-a", f"x={tmp_path / 'missing'}", "-o", str(tmp_path / "o")])
+    assert isinstance(r.exception, lm.AdapterLoadError)        # raised, not turned into a line
+
+
+def test_usage_errors_exit_2_and_every_command_has_examples():
+    runner = CliRunner()
+    r = runner.invoke(app, ["compose", "a"])                  # missing -a / -o
+    assert r.exit_code == 2
+    for cmd in ("merge", "compose", "inspect", "push", "methods"):
+        r = runner.invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0 and "Example" in r.stdout, cmd
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == lm.__version__
+
+
+def test_compose_json_params_and_device(tmp_path):
+    out = tmp_path / "t"
+    r = _run("compose", "addition + 0.5*intent", "-a", f"addition={EXAMPLES / 'addition'}",
+             "-a", f"intent={EXAMPLES / 'intent'}", "--method", "ties", "--density", "0.5",
+             "-p", "majority_sign_method=frequency", "--dtype", "float32", "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["method"] == "ties" and s["parameters"]["majority_sign_method"] == "frequency"
+    assert lm.load(out).dtype == torch.float32
+    r = _run("compose", "a", "-a", f"a={EXAMPLES / 'intent'}", "-p", "densty=0.5", "--method", "ties",
+             "-o", str(tmp_path / "u"))
+    assert r.returncode == 2 and "no parameter 'densty'" in r.stderr
+    if not torch.cuda.is_available():
+        r = _run("compose", "a", "-a", f"a={EXAMPLES / 'intent'}", "--device", "cuda", "--rank", "4",
+                 "-o", str(tmp_path / "v"))
+        assert r.returncode == 2 and "no CUDA device" in r.stderr and not (tmp_path / "v").exists()
