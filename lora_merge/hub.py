@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from . import __version__
-from .errors import HubError
+from .errors import AdapterLoadError, HubError
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -46,11 +46,11 @@ def _describe(e: Exception, what: str, token: str | None) -> str:
         why = "the repo is gated; accept its terms on the Hub and set HF_TOKEN"
     elif isinstance(e, hf.RepositoryNotFoundError):
         why = "no such repo on the Hub (or it is private: set HF_TOKEN to a token that can read it)"
-    elif isinstance(e, (hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)):
-        why = "a file is missing from the repo"
-    elif isinstance(e, hf.LocalEntryNotFoundError) or isinstance(e, hf.OfflineModeIsEnabled):
+    elif isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):   # before EntryNotFound: a subclass
         why = ("not in the local cache, and the Hub cannot be reached"
                + (" (HF_HUB_OFFLINE is set)" if _offline() else ""))
+    elif isinstance(e, (hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)):
+        why = "a file is missing from the repo"
     elif isinstance(e, hf.HfHubHTTPError):
         status = getattr(e.response, "status_code", None) if getattr(e, "response", None) is not None else None
         server = (getattr(e, "server_message", None) or "").strip().splitlines()
@@ -76,7 +76,15 @@ def download(repo_id: str, revision: str | None = None, *, allow_pickle: bool = 
                                    library_name="lora-merge", library_version=__version__)
     except Exception as e:  # noqa: BLE001 - huggingface_hub and its HTTP client raise many kinds; one line each
         raise HubError(_describe(e, what, token), file=what) from None
-    return Path(folder)
+    folder = Path(folder)
+    weights = [f for f in patterns if f.startswith("adapter_model") and (folder / f).is_file()]
+    missing = [f for f in ("adapter_config.json",) if not (folder / f).is_file()] + ([] if weights else [
+        "adapter_model.safetensors" + (" (nor adapter_model.bin)" if allow_pickle else "")])
+    if missing:
+        hint = "" if allow_pickle else " (a pickled adapter_model.bin is fetched only with allow_pickle=True)"
+        raise AdapterLoadError(f"{what}: the repo is not a PEFT LoRA adapter: it has no "
+                               f"{' and no '.join(missing)}{hint}", file=what)
+    return folder
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, revision: str | None = None,
@@ -88,16 +96,23 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
     a failure leaves the Hub as it was.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf
 
     from .io import load
 
     folder = Path(folder)
+    if not folder.is_dir():                        # a local folder only: never read `folder` as a Hub id
+        raise AdapterLoadError(f"{folder}: no such adapter folder", file=str(folder))
     adapter = load(folder)                         # refuse to publish anything that is not a valid adapter
     api = HfApi(endpoint=_endpoint(), token=token, library_name="lora-merge", library_version=__version__)
     created = False
     try:
-        created = not api.repo_exists(repo_id)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=False)
+            created = True                         # only a repo this call made is deleted on failure
+        except hf.HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) != 409:
+                raise
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,

@@ -105,25 +105,6 @@ def test_saved_folder_is_readable_like_any_new_folder(same_rank, tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
-def test_hub_revision_goes_to_provenance_not_to_the_base_revision(same_rank, tmp_path, monkeypatch):
-    import huggingface_hub
-    calls = []
-
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
-        calls.append((repo_id, revision, list(allow_patterns)))
-        return str(same_rank[0])
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    a = lm.load("org/adapter@abc123")
-    assert calls == [("org/adapter", "abc123", ["adapter_config.json", "adapter_model.safetensors", "README.md"])]
-    assert a.revision == "abc123" and a.config.get("revision") is None
-    lm.load("org/old", allow_pickle=True)
-    assert "adapter_model.bin" in calls[-1][2]
-    lm.merge([a], [1.0]).save(tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()).get("revision") is None
-    assert "org/adapter@abc123" in (tmp_path / "out" / "README.md").read_text()
-
-
 def test_energy_alone_is_not_capped_by_the_default_rank(tmp_path):
     from pathlib import Path
     ex = Path(__file__).resolve().parents[1] / "examples" / "adapters"
