@@ -247,8 +247,9 @@ def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False)
         listing = ", ".join(f"{_where(a)} (base {a.base_model})" for a in named)
         odd = next(a for a in named if a.base_model != named[0].base_model)
         raise BaseModelMismatchError(
-            f"adapters were trained on different base models: {listing}; pass allow_base_mismatch=True "
-            "if the models share their architecture and you mean it", file=odd.source, key="base_model_name_or_path")
+            f"adapters were trained on different base models: {listing}; if the models share their "
+            "architecture and you mean it, pass allow_base_mismatch=True (--allow-base-mismatch; in a recipe, "
+            "allow_base_mismatch: true)", file=odd.source, key="base_model_name_or_path")
 
 
 def module_inputs(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import rel
 from typer.testing import CliRunner
@@ -156,3 +157,88 @@ def test_compose_json_params_and_device(tmp_path):
         r = _run("compose", "a", "-a", f"a={EXAMPLES / 'intent'}", "--device", "cuda", "--rank", "4",
                  "-o", str(tmp_path / "v"))
         assert r.returncode == 2 and "no CUDA device" in r.stderr and not (tmp_path / "v").exists()
+
+
+def _copy_example(tmp_path: Path, name: str, edit_tensors=None, edit_config=None) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / name
+    shutil.copytree(EXAMPLES / "intent", folder)
+    if edit_tensors is not None:
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    if edit_config is not None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        edit_config(config)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _nan(t):
+    t[Q0 + ".lora_A.weight"][0, 0] = float("nan")
+
+
+def _wider(t):
+    t[Q0 + ".lora_B.weight"] = torch.zeros(640, 8, dtype=torch.float16)
+
+
+def _other_base(c):
+    c["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+
+
+def _pickled(folder: Path) -> None:
+    from safetensors.torch import load_file
+    torch.save(load_file(str(folder / "adapter_model.safetensors")), folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+
+
+BAD_INPUTS = {
+    # case: (compose arguments after the expression, what the one line must contain)
+    "missing folder": (lambda d: ["x", "-a", f"x={d / 'nowhere'}"], "nowhere: no such adapter folder"),
+    "NaN weights": (lambda d: ["x", "-a", f"x={_copy_example(d, 'nan', _nan)}"],
+                    "module model.layers.0.self_attn.q_proj holds NaN or Inf"),
+    "shape mismatch": (lambda d: ["x + y", "-a", f"x={EXAMPLES / 'intent'}",
+                                  "-a", f"y={_copy_example(d, 'wide', _wider)}"], "model.layers.0.self_attn.q_proj"),
+    "base model mismatch": (lambda d: ["x + y", "-a", f"x={EXAMPLES / 'intent'}",
+                                       "-a", f"y={_copy_example(d, 'other', edit_config=_other_base)}"],
+                            "different base models"),
+    "pickle": (lambda d: ["x", "-a", f"x={_pickle_copy(d)}"], "adapter_model.bin: this adapter is stored as a pickle"),
+    "unknown method": (lambda d: ["x", "-a", f"x={EXAMPLES / 'intent'}", "--method", "tiez"],
+                       "unknown merge method 'tiez' (did you mean 'ties'?)"),
+    "wrong key": (lambda d: ["x", "-a", f"x={EXAMPLES / 'intent'}", "--method", "ties", "-p", "dencity=0.5"],
+                  "has no parameter 'dencity'"),
+    "bad expression": (lambda d: ["x +* 2", "-a", f"x={EXAMPLES / 'intent'}"], "column"),
+    "bad -a": (lambda d: ["x", "-a", "x"], "--adapter expects NAME=PATH_OR_REPO"),
+}
+
+
+def _pickle_copy(d: Path) -> Path:
+    folder = _copy_example(d, "pickled")
+    _pickled(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_each_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
+    make_args, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    args = make_args(tmp_path)
+    r = CliRunner().invoke(app, ["compose", *args, "-o", str(out)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and expected in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_allow_base_mismatch_lets_the_merge_through(tmp_path):
+    other = _copy_example(tmp_path, "other", edit_config=_other_base)
+    r = CliRunner().invoke(app, ["compose", "x + y", "-a", f"x={EXAMPLES / 'intent'}", "-a", f"y={other}",
+                                 "--allow-base-mismatch", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    m = "model.layers.4.self_attn.q_proj"
+    assert rel(lm.load(tmp_path / "out").delta(m), 2 * lm.load(EXAMPLES / "intent").delta(m)) < 1e-3

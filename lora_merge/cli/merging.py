@@ -129,6 +129,8 @@ def compose(
                      ] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype: float32, float16 or bfloat16.")] = None,
     device: Device = None,
+    allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help="Merge adapters trained on "
+                                                      "different base models (same architecture).")] = False,
     force: Force = False,
     push_to_hub: PushTo = None,
     private: Private = False,
@@ -174,6 +176,8 @@ def compose(
     dev = resolve_device(device or "cpu")
     if dev.type != "cpu":
         params["device"] = dev
+    if allow_base_mismatch:
+        params["allow_base_mismatch"] = True
     result = compose_expr(expression, pool, method=method, rank=rank, energy=energy, params=params or None)
     result.save(out, force=force, dtype=dtype)
     _report(_summary(result, out, _push(out, push_to_hub, private, quiet)), as_json)
