@@ -181,10 +181,11 @@ class Adapter:
         return Adapter(modules, dict(self.config), name=self.name, provenance=prov, extra=dict(self.extra),
                        storage_dtype=self.dtype)
 
-    def save(self, path: str | PathLike, *, force: bool = False, dtype: torch.dtype | str | None = None) -> None:
+    def save(self, path: str | PathLike, *, force: bool = False, dtype: torch.dtype | str | None = None,
+             extra_files: dict[str, str] | None = None) -> None:
         """Write a PEFT folder (see `lora_merge.save`)."""
         from .io import save
-        save(self, path, force=force, dtype=dtype)
+        save(self, path, force=force, dtype=dtype, extra_files=extra_files)
 
 
 # ---- helpers shared with the merge methods ----------------------------------------------------------------

@@ -257,7 +257,7 @@ def peft_config(adapter: Adapter) -> dict:
 
 
 def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
-         dtype: torch.dtype | str | None = None) -> Path:
+         dtype: torch.dtype | str | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write `adapter` as a PEFT folder at `path` that `PeftModel.from_pretrained(base, path)` loads.
 
     Everything is written to a temporary folder beside `path` and renamed into place, so a failure leaves
@@ -293,6 +293,8 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt", "lora_merge_version": __version__})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(adapter, config))
+        for name, text in (extra_files or {}).items():     # e.g. lorahub.json, in the same atomic rename
+            (tmp / name).write_text(text)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -133,6 +133,8 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
     if spec.split == "pem":
         wa = [abs(c) * math.sqrt(x.scale) for c, x, _ in entries]
         wb = [c * math.sqrt(x.scale) for c, x, _ in entries]
+    elif spec.split == "lorahub":
+        wa = wb = [c * math.sqrt(x.scale) for c, x, _ in entries]
     else:  # PEFT
         wa, wb = zip(*(split_weight(c * x.scale) for c, x, _ in entries))
     kwargs = _op_kwargs(spec, p, rng)

@@ -21,3 +21,7 @@ register("linear", family="factor", op=weighted_sum,
 register("pem", family="factor", op=weighted_sum, split="pem", url=PEM_URL,
          summary="PEM (Zhang et al., 2023) factor-wise arithmetic: A = sum |w_i| A_i, B = sum w_i B_i (negation "
                  "negates one factor; scale folded as sqrt(s) into each); equal ranks")
+register("lorahub_factor", family="factor", op=weighted_sum, split="lorahub",
+         url="https://arxiv.org/abs/2307.13269",
+         summary="LoraHub's composition: A = sum w_i sqrt(s_i) A_i, B = sum w_i sqrt(s_i) B_i, so the update is "
+                 "(sum w_i B_i)(sum w_i A_i) times s for equal scales; equal ranks")
