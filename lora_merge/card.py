@@ -54,12 +54,14 @@ def model_card(adapter, config: dict) -> str:
 
     params = {k: v for k, v in (prov.get("params") or {}).items() if v is not None}
     extra = {k: v for k, v in prov.items() if k not in ("inputs", "method", "params", "recipe", "metadata",
-                                                          "lora_merge_version")}
+                                                          "lora_merge_version", "lorahub")}
     lines += ["## Method", "", f"`{method or 'none'}`" + (" with parameters:" if params else " (no parameters)."), ""]
     if params:
         lines += ["```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", ""]
     if extra:
         lines += ["Then:", "", "```json", json.dumps(extra, indent=2, sort_keys=True, default=str), "```", ""]
+    if prov.get("lorahub"):
+        lines += _lorahub_section(prov["lorahub"])
     ranks = sorted({w.rank for w in adapter.modules.values()})
     lines += [f"Modules: {len(adapter.modules)}; ranks: {ranks[0]}..{ranks[-1]}; "
               f"lora-merge version: {prov.get('lora_merge_version') or __version__}.", ""]
@@ -78,6 +80,19 @@ def model_card(adapter, config: dict) -> str:
                   "```yaml", recipe.rstrip("\n"), "```", ""]
     body = "\n".join(lines)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content
+
+
+def _lorahub_section(rec: dict) -> list[str]:
+    """The LoraHub search that found the weights: settings, losses, and the objective at every evaluation."""
+    s = rec.get("settings", {})
+    lines = ["## LoraHub search", "",
+             f"The weights above were found by LoraHub's gradient-free search ({s.get('optimizer')}, "
+             f"{s.get('budget')} evaluations, seed {s.get('seed')}, `{s.get('compose')}` composition, penalty "
+             f"{s.get('penalty')} * mean |w|, bounds {s.get('bounds')}) on {s.get('examples')} examples with "
+             f"`{s.get('base_model')}`. Few-shot loss: {rec['loss']:.4f} (base model: {rec['base_loss']:.4f}).", "",
+             "| evaluation | loss | objective |", "|---|---|---|"]
+    lines += [f"| {h['evaluation']} | {h['loss']:.4f} | {h['objective']:.4f} |" for h in rec.get("history", [])]
+    return lines + ["", "Every evaluated weighting is in `lorahub.json`.", ""]
 
 
 def _source(rec: dict) -> str:

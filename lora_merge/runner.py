@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .adapter import Adapter, check_compatible, module_inputs
-from .errors import BaseModelMismatchError, LoraMergeError, MethodError, OutputExistsError
+from .errors import BaseModelMismatchError, LoraMergeError, OutputExistsError
 from .io import load
 from .merge import merge, resolve_device
 from .methods import get_method
@@ -30,7 +30,7 @@ def load_inputs(recipe: Recipe, steps: Steps | None = None) -> list[Adapter]:
     adapters = []
     for inp in recipe.inputs:
         adapter = load(inp.source, name=inp.name, revision=inp.revision)
-        if (recipe.base_model and adapter.base_model and adapter.base_model != recipe.base_model
+        if (recipe.base_model and adapter.base_model and not _same_base(adapter.base_model, recipe.base_model)
                 and not recipe.allow_base_mismatch):
             raise BaseModelMismatchError(
                 f"{_where(recipe, inp.line)}: input '{inp.name}' ({inp.source}) was trained on {adapter.base_model}, "
@@ -40,6 +40,12 @@ def load_inputs(recipe: Recipe, steps: Steps | None = None) -> list[Adapter]:
         steps.advance("load", inp.name)
     check_compatible(adapters, recipe.allow_base_mismatch)
     return adapters
+
+
+def _same_base(recorded: str, given: str) -> bool:
+    """The adapter's recorded base model is the recipe's: the same id, or a local copy named like the repo
+    (`/models/SmolLM2-135M-Instruct` for `HuggingFaceTB/SmolLM2-135M-Instruct`)."""
+    return recorded == given or Path(given.rstrip("/")).name == recorded.rstrip("/").split("/")[-1]
 
 
 def _where(recipe: Recipe, line: int | None) -> str:
@@ -104,15 +110,13 @@ def run(recipe: Recipe, out: str | os.PathLike | None = None, *, force: bool = F
         steps: Steps | None = None) -> tuple[Adapter, Path]:
     """Run the recipe: merge its inputs and save the result as a PEFT folder. Returns (adapter, folder)."""
     steps = steps or Steps()
-    if recipe.method == LORAHUB:
-        raise MethodError(f"{recipe.path or '<recipe>'}: the recipe is valid, but the LoraHub search is not part "
-                          "of this version of lora-merge yet (planned: `lora-merge hub`); --dry-run shows the plan",
-                          key="method")
     target = output_path(recipe, out)
     if target.exists() and not force:                 # before any loading: fail fast
         raise OutputExistsError(f"{target}: already exists; pass --force to overwrite it", file=str(target))
     dev = resolve_device(device or recipe.device)
     adapters = load_inputs(recipe, steps)
+    if recipe.method == LORAHUB:
+        return _search(recipe, adapters, target, force, dev, steps)
     weights = recipe.weights
     n_modules = len(set().union(*(a.modules for a in adapters)))
     steps.start("merge", n_modules)
@@ -124,6 +128,27 @@ def run(recipe: Recipe, out: str | os.PathLike | None = None, *, force: bool = F
     merged.provenance["metadata"] = dict(recipe.metadata)
     merged.save(target, force=force, dtype=recipe.dtype)
     return merged, target
+
+
+def _search(recipe: Recipe, adapters: list[Adapter], target: Path, force: bool, device, steps: Steps
+            ) -> tuple[Adapter, Path]:
+    """`method: lorahub`: search the weights on the recipe's examples, then save the composition."""
+    from .lorahub import search
+    p = recipe.parameters
+    steps.start("search", p["budget"])
+    done = [0]
+
+    def progress(n: int, total: int, best: float) -> None:
+        for _ in range(n - done[0]):
+            steps.advance("search", f"best {best:.4f}")
+        done[0] = n
+
+    result = search(recipe.base_model, adapters, p["examples"], budget=p["budget"], seed=recipe.seed or 0,
+                    optimizer=p["optimizer"], compose=p["compose"], penalty=p["penalty"], bounds=tuple(p["bounds"]),
+                    device=device, name=recipe.name or (recipe.path.stem if recipe.path else None), progress=progress)
+    result.adapter.provenance["recipe"] = recipe.text or None
+    result.adapter.provenance["metadata"] = dict(recipe.metadata)
+    return result.adapter, result.save(target, force=force, dtype=recipe.dtype)
 
 
 __all__ = ["plan", "run", "load_inputs", "output_path", "Steps"]

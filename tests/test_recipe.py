@@ -14,7 +14,7 @@ import torch
 from conftest import rel
 
 import lora_merge as lm
-from lora_merge.errors import BaseModelMismatchError, MethodError, OutputExistsError, RecipeError
+from lora_merge.errors import BaseModelMismatchError, OutputExistsError, RecipeError
 from lora_merge.recipe import load_recipe, parse_recipe
 from lora_merge.runner import plan, run
 
@@ -76,13 +76,11 @@ def test_the_ties_recipe_equals_the_api(tmp_path):
         assert rel(got.delta(m), want.delta(m)) < 2e-3
 
 
-def test_the_lorahub_recipe_is_valid_but_its_search_is_not_in_this_version(tmp_path):
+def test_the_lorahub_recipe_holds_the_original_defaults():
     recipe = load_recipe(ROOT / "recipes" / "lorahub.yaml")
     assert recipe.parameters["budget"] == 40 and recipe.parameters["bounds"] == [-1.5, 1.5]
+    assert recipe.parameters["penalty"] == 0.05 and recipe.parameters["compose"] == "factor"
     assert Path(recipe.parameters["examples"]).is_file()
-    with pytest.raises(MethodError, match="LoraHub search is not part of this version"):
-        run(recipe, tmp_path / "never")
-    assert not (tmp_path / "never").exists()
 
 
 # ---- validation ---------------------------------------------------------------------------------------------

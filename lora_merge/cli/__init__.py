@@ -15,6 +15,7 @@ from .. import __version__
 from ._common import state
 from .hub import push
 from .inspect import inspect_adapter
+from .lorahub import hub
 from .merging import compose, merge, methods
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -29,6 +30,7 @@ app.command("merge", no_args_is_help=True)(merge)
 app.command("compose", no_args_is_help=True)(compose)
 app.command("inspect", no_args_is_help=True)(inspect_adapter)
 app.command("push", no_args_is_help=True)(push)
+app.command("hub", no_args_is_help=True)(hub)
 app.command("methods")(methods)
 
 

@@ -116,7 +116,8 @@ class RichSteps(Steps):
         self.progress.stop()
 
     def start(self, stage: str, total: int) -> None:
-        label = {"load": "loading adapters", "merge": "merging modules"}.get(stage, stage)
+        labels = {"load": "loading adapters", "merge": "merging modules", "search": "searching weights"}
+        label = labels.get(stage, stage)
         self.tasks[stage] = self.progress.add_task(label, total=total, item="")
 
     def advance(self, stage: str, item: str) -> None:
