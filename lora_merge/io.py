@@ -267,6 +267,9 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: already exists; pass force=True (--force) to overwrite it",
                                 file=str(path))
+    if path.exists() and not (path.is_dir() and (path / CONFIG).is_file()):
+        raise OutputExistsError(f"{path}: exists and is not an adapter folder (no {CONFIG}); lora-merge replaces "
+                                "only adapter folders, even with --force: choose a new folder", file=str(path))
     out_dtype = _dtype(dtype, adapter.dtype)
     modules = adapter.modules
     if not modules:

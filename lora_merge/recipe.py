@@ -202,10 +202,11 @@ class _Checker:
         self.lines, self.problems, self.root = lines, list(problems), root
 
     def bad(self, key: tuple, message: str) -> None:
-        line = self.lines.get(key)
-        while line is None and key:
-            key = key[:-1]
-            line = self.lines.get(key)
+        """A problem at `key`; a missing key is reported by its name, at the line of its nearest parent."""
+        where, line = key, self.lines.get(key)
+        while line is None and where:
+            where = where[:-1]
+            line = self.lines.get(where)
         self.problems.append((line, _dotted(key) if key else "recipe", message))
 
     def mapping(self, value, key: tuple, allowed) -> dict:
@@ -252,6 +253,13 @@ class _Checker:
         recipe.parameters = self.parameters(data, method)
         recipe.expression = self.expression(data, inputs)
         self.output(data, recipe)
+        spec = METHODS.get(method or "")
+        for key in ("rank", "energy"):
+            if getattr(recipe, key) is not None and ((spec is not None and key not in spec.params)
+                                                     or method == LORAHUB):
+                self.bad((key,), f"method '{method}' takes no {key} (its output is exact)")
+        if recipe.output is not None and recipe.output == self.root:
+            self.bad(("output", "path"), "is the recipe's own folder; give a new folder for the output")
         if method == LORAHUB and not recipe.base_model:
             self.bad(("method",), "lorahub scores candidates with the base model; give base_model")
         if method == LORAHUB and recipe.expression:
@@ -270,7 +278,8 @@ class _Checker:
         return method
 
     def parameters(self, data: dict, method: str | None) -> dict:
-        given = data.get("parameters") or {}
+        given = data.get("parameters")
+        given = {} if given is None else given
         if not isinstance(given, dict):
             self.bad(("parameters",), f"expected a mapping of parameter names to values, got {_kind(given)}")
             return {}
@@ -357,6 +366,9 @@ class _Checker:
                 self.bad(key + ("weight",), "lorahub searches the weights; remove it")
             if adapter is None:
                 continue
+            if name is not None and is_glob(adapter):
+                self.bad(key + ("name",), "a glob adds several inputs, each named after its folder; remove `name`")
+                name = None
             for source, rev in self.sources(adapter, revision, key + ("adapter",)):
                 default = _input_name(source if not _is_hub(source) else adapter)
                 out.append(RecipeInput(name=name or default, adapter=adapter, source=source,
@@ -372,10 +384,12 @@ class _Checker:
     def sources(self, adapter: str, revision: str | None, key: tuple) -> list[tuple[str, str | None]]:
         """The folders (or the Hub id) an `adapter` entry stands for."""
         local = Path(os.path.normpath(self.root / Path(adapter).expanduser()))
-        if any(c in adapter for c in "*?["):
+        if is_glob(adapter):
             found = sorted(p for p in glob.glob(str(local)) if Path(p).is_dir())
             if not found:
                 self.bad(key, f"{local}: the pattern matches no folder")
+            if revision is not None:
+                self.bad(key, "a revision applies to Hub ids only, and this is a pattern of local folders")
             return [(p, None) for p in found]
         if local.exists():
             if not local.is_dir():
@@ -414,7 +428,7 @@ class _Checker:
         if data.get("output") is None:
             return
         out = self.mapping(data["output"], ("output",), OUTPUT_KEYS)
-        path = self.typed(out, ("output", "path"), "str")
+        path = self.typed(out, ("output", "path"), "str", lambda v: bool(v.strip()), "must not be empty")
         if path is not None:
             recipe.output = Path(os.path.normpath(self.root / Path(path).expanduser()))
         meta = out.get("metadata")
@@ -443,6 +457,10 @@ def _kind(value) -> str:
         return "nothing"
     return {dict: "a mapping", list: "a list", str: f"the text {value!r}", bool: f"{value}"}.get(
         type(value), f"{type(value).__name__} {value!r}")
+
+
+def is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
 
 
 def _is_hub(text: str) -> bool:

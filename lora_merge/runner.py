@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from .adapter import Adapter, check_compatible, module_inputs
-from .errors import BaseModelMismatchError, LoraMergeError, OutputExistsError
+from .errors import BaseModelMismatchError, LoraMergeError, MethodError, OutputExistsError
 from .io import load
 from .merge import merge, resolve_device
 from .methods import get_method
-from .recipe import LORAHUB, Recipe
+from .recipe import LORAHUB, Recipe, is_glob
 
 
 class Steps:
@@ -29,7 +30,11 @@ def load_inputs(recipe: Recipe, steps: Steps | None = None) -> list[Adapter]:
     steps.start("load", len(recipe.inputs))
     adapters = []
     for inp in recipe.inputs:
-        adapter = load(inp.source, name=inp.name, revision=inp.revision)
+        try:
+            adapter = load(inp.source, name=inp.name, revision=inp.revision)
+        except LoraMergeError as e:
+            raise type(e)(f"{_where(recipe, inp.line)}: input '{inp.name}': {e}", file=e.file, module=e.module,
+                          key=e.key) from None
         if (recipe.base_model and adapter.base_model and not _same_base(adapter.base_model, recipe.base_model)
                 and not recipe.allow_base_mismatch):
             raise BaseModelMismatchError(
@@ -52,6 +57,14 @@ def _where(recipe: Recipe, line: int | None) -> str:
     return f"{recipe.path or '<recipe>'}" + (f", line {line}" if line else "")
 
 
+def _without_output(recipe: Recipe, target: Path | None) -> Recipe:
+    """A glob must not take in the output of an earlier run of the same recipe."""
+    if target is None:
+        return recipe
+    keep = [i for i in recipe.inputs if not (is_glob(i.adapter) and Path(i.source).resolve() == target.resolve())]
+    return recipe if len(keep) == len(recipe.inputs) else dataclasses.replace(recipe, inputs=keep)
+
+
 def output_path(recipe: Recipe, out: str | os.PathLike | None) -> Path:
     if out is not None:
         return Path(out)
@@ -63,6 +76,12 @@ def output_path(recipe: Recipe, out: str | os.PathLike | None) -> Path:
 
 def plan(recipe: Recipe, out: str | os.PathLike | None = None, *, device: str | None = None) -> dict:
     """What `run` would do, without computing: inputs, modules, ranks, method and output. Loads the inputs."""
+    target = None
+    try:
+        target = output_path(recipe, out)
+    except LoraMergeError:
+        pass
+    recipe = _without_output(recipe, target)
     adapters = load_inputs(recipe)
     weights = recipe.weights
     w = [weights.get(i.name, 0.0) for i in recipe.inputs] if recipe.method != LORAHUB else [None] * len(adapters)
@@ -76,15 +95,21 @@ def plan(recipe: Recipe, out: str | os.PathLike | None = None, *, device: str | 
         ranks = [x.rank for entries in table.values() for _, x, _ in entries]
         rank = recipe.rank or (max(ranks) if params.get("compose") == "factor" else None)
     else:
-        params = get_method(recipe.method).resolve(recipe.merge_params)
+        spec = get_method(recipe.method)
+        params = spec.resolve(recipe.merge_params)
         rank = params.get("rank")
-        if rank is None and get_method(recipe.method).default_rank == "max" and params.get("energy") is None:
+        if spec.family == "factor":       # element-wise on the factors: equal ranks in, the same rank out
+            for path, entries in table.items():
+                ranks = {x.rank for _, x, _ in entries}
+                if len(ranks) > 1:
+                    listing = ", ".join(f"{a.name}: r={x.rank}" for _, x, a in entries)
+                    raise MethodError(f"{spec.name} combines A and B factors element-wise and needs equal ranks, "
+                                      f"but module {path} has {listing}; use 'svd' (or 'ties_svd', ...)",
+                                      module=path, key="method")
+            if rank is None and params.get("energy") is None:
+                rank = max(x.rank for entries in table.values() for _, x, _ in entries)
+        if rank is None and spec.default_rank == "max" and params.get("energy") is None:
             rank = max(x.rank for entries in table.values() for _, x, _ in entries)
-    target = None
-    try:
-        target = output_path(recipe, out)
-    except LoraMergeError:
-        pass
     return {
         "recipe": str(recipe.path) if recipe.path else None,
         "name": recipe.name,
@@ -114,6 +139,7 @@ def run(recipe: Recipe, out: str | os.PathLike | None = None, *, force: bool = F
     if target.exists() and not force:                 # before any loading: fail fast
         raise OutputExistsError(f"{target}: already exists; pass --force to overwrite it", file=str(target))
     dev = resolve_device(device or recipe.device)
+    recipe = _without_output(recipe, target)
     adapters = load_inputs(recipe, steps)
     if recipe.method == LORAHUB:
         return _search(recipe, adapters, target, force, dev, steps)

@@ -438,7 +438,7 @@ def test_save_refuses_existing_folder(loaded, outdir):
 
 def test_save_force_replaces_existing_folder(loaded, outdir):
     out = outdir / "merged"
-    out.mkdir()
+    loaded["b"].save(out)
     (out / "keep.txt").write_text("stale")
     loaded["a"].save(out, force=True)
     assert listing(out) == ["README.md", CONFIG, WEIGHTS]
@@ -446,11 +446,23 @@ def test_save_force_replaces_existing_folder(loaded, outdir):
     same_deltas(lm.load(out), loaded["a"])
 
 
+def test_force_never_replaces_what_is_not_an_adapter_folder(loaded, outdir):
+    project = outdir / "project"
+    project.mkdir()
+    (project / "code.py").write_text("precious")
+    (outdir / "notes.txt").write_text("a file")
+    for target in (project, outdir / "notes.txt"):
+        err = raises(OutputExistsError, lambda t=target: loaded["a"].save(t, force=True), str(target),
+                     "not an adapter folder")
+        assert err.file == str(target)
+    assert (project / "code.py").read_text() == "precious" and (outdir / "notes.txt").read_text() == "a file"
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_save_failure_midway_leaves_nothing(loaded, outdir, monkeypatch, existing):
     out = outdir / "merged"
     if existing:
-        out.mkdir()
+        loaded["b"].save(out)
         (out / "keep.txt").write_text("precious")
     before = snapshot(out) if existing else None
 
@@ -470,7 +482,7 @@ def test_save_failure_midway_leaves_nothing(loaded, outdir, monkeypatch, existin
 
 def test_save_force_failed_final_rename_keeps_old_folder(loaded, outdir, monkeypatch):
     out = outdir / "merged"
-    out.mkdir()
+    loaded["b"].save(out)
     (out / "keep.txt").write_text("precious")
     before = snapshot(out)
     real_replace = os.replace

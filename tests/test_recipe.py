@@ -226,9 +226,13 @@ def test_output_rules_existing_folders_and_force(tmp_path):
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError):
         run(recipe, tmp_path / "taken")
+    with pytest.raises(OutputExistsError, match="not an adapter folder"):
+        run(recipe, tmp_path / "taken", force=True)          # --force replaces adapter folders only
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    run(recipe, tmp_path / "taken", force=True)
-    assert not (tmp_path / "taken" / "keep.txt").exists()
+    run(recipe, tmp_path / "merged")
+    (tmp_path / "merged" / "stale.txt").write_text("old")
+    run(recipe, tmp_path / "merged", force=True)
+    assert not (tmp_path / "merged" / "stale.txt").exists()
 
 
 def test_the_recipes_base_model_is_checked(tmp_path):
