@@ -78,7 +78,8 @@ class Adapter:
     provenance: dict = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors that are not LoRA factors
     storage_dtype: torch.dtype | None = None   # dtype to save in; None: that of the tensors (or of the inputs)
-    revision: str | None = None                # Hub revision the adapter was loaded at
+    revision: str | None = None                # Hub revision the adapter was loaded at, as given
+    commit: str | None = None                  # the Hub commit that revision resolved to
     _terms: tuple[tuple[float, Adapter], ...] | None = None
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -205,8 +206,8 @@ def split_weight(weight: float) -> tuple[float, float]:
 
 
 def _input_record(adapter: Adapter, weight: float) -> dict:
-    return {"name": adapter.name, "source": adapter.source, "revision": adapter.revision, "weight": weight,
-            "files": dict(adapter.files)}
+    return {"name": adapter.name, "source": adapter.source, "revision": adapter.revision, "commit": adapter.commit,
+            "weight": weight, "files": dict(adapter.files)}
 
 
 def _check_plain(adapter: Adapter, module: str, w: LoraWeight, what: str) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import yaml
 
 from . import __version__
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
 
@@ -23,6 +25,8 @@ def model_card(adapter, config: dict) -> str:
     prov = adapter.provenance or {}
     meta = prov.get("metadata") or {}
     base = config.get("base_model_name_or_path")
+    if base and not _HUB_ID.match(base):
+        base = None                      # a local path: not Hub metadata, and not the user's file system
     method = prov.get("method")
     tags = ["lora", "lora-merge"] + ([method] if method else []) + list(meta.get("tags") or [])
     if base:
@@ -48,7 +52,9 @@ def model_card(adapter, config: dict) -> str:
             files = rec.get("files", {})
             model_sha = next((v for k, v in files.items() if k.startswith("adapter_model")), "")
             config_sha = files.get("adapter_config.json", "")
-            lines.append(f"| {rec['name']} | {rec['weight']:g} | {_source(rec)} | {rec.get('revision') or ''} | "
+            rev = " ".join(x for x in (rec.get("revision"), f"(commit {rec['commit']})" if rec.get("commit")
+                                       else None) if x)
+            lines.append(f"| {rec['name']} | {rec['weight']:g} | {_source(rec)} | {rev} | "
                          f"`{model_sha}` | `{config_sha}` |")
         lines.append("")
 
@@ -130,7 +136,8 @@ def recipe_of(adapter) -> str | None:
         recipe["parameters"] = own
     recipe["inputs"] = []
     for rec in inputs:
-        source = rec["source"].split("@")[0] + (f"@{rec['revision']}" if rec.get("revision") else "")
+        pin = rec.get("commit") or rec.get("revision")     # the commit, so the recipe remakes this exact merge
+        source = rec["source"].split("@")[0] + (f"@{pin}" if pin else "")
         item = {"adapter": source}
         if rec.get("name", "").isidentifier():
             item["name"] = rec["name"]

@@ -15,7 +15,7 @@ from . import __version__
 from .errors import AdapterLoadError, HubError
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")     # the shape of a Hugging Face access token
 
 
 def _endpoint() -> str | None:
@@ -63,6 +63,18 @@ def _describe(e: Exception, what: str, token: str | None) -> str:
     return _scrub(f"{what}: {why}", token)
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A clear error for an invalid repo id, before any work is done."""
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except Exception as e:  # noqa: BLE001 - HFValidationError; one line
+        raise HubError(f"{repo_id!r} is not a valid Hub repo id ({str(e).splitlines()[0]})", key="repo_id") from None
+    if "/" not in repo_id:
+        raise HubError(f"{repo_id!r}: give the repo as namespace/name (your user or organisation, then the name)",
+                       key="repo_id")
+
+
 def download(repo_id: str, revision: str | None = None, *, allow_pickle: bool = False,
              token: str | None = None) -> Path:
     """A local snapshot of the adapter files of Hub repo `repo_id` at `revision`; the rest is not fetched."""
@@ -100,6 +112,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
 
     from .io import load
 
+    check_repo_id(repo_id)
     folder = Path(folder)
     if not folder.is_dir():                        # a local folder only: never read `folder` as a Hub id
         raise AdapterLoadError(f"{folder}: no such adapter folder", file=str(folder))
@@ -113,11 +126,17 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
         except hf.HfHubHTTPError as e:
             if getattr(e.response, "status_code", None) != 409:
                 raise
+            if private and not api.repo_info(repo_id).private:
+                raise HubError(f"push to {repo_id}: the repo exists and is public; --private (private=True) does "
+                               "not change an existing repo's visibility: change it on the Hub, or push without it",
+                               file=str(folder), key="private") from None
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
                                  commit_message=commit_message or f"Upload {adapter.name} made with lora-merge",
                                  allow_patterns=ADAPTER_FILES)
+    except HubError:
+        raise
     except Exception as e:  # noqa: BLE001 - as in download
         message = _describe(e, f"push to {repo_id}" + (f"@{revision}" if revision else ""), token)
         if created:
@@ -130,4 +149,4 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
     return str(getattr(info, "commit_url", None) or info)
 
 
-__all__ = ["download", "push"]
+__all__ = ["download", "push", "check_repo_id"]

@@ -107,8 +107,10 @@ def load(source: str | os.PathLike, *, name: str | None = None, revision: str | 
     if not modules:
         raise AdapterLoadError(f"{weights_path}: holds no LoRA tensors (keys like "
                                f"'{PREFIX}<module>.lora_A.weight')", file=str(weights_path))
+    hub = str(source) != str(folder) and not Path(source).expanduser().exists()
+    commit = folder.name if hub and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
     return Adapter(modules, config, name=name or _default_name(source), source=str(source), files=files,
-                   extra=extra, revision=revision)
+                   extra=extra, revision=revision, commit=commit)
 
 
 def _validate_config(config: dict, file: str) -> None:

@@ -150,7 +150,8 @@ def test_hub_revision_goes_to_provenance_and_card_not_to_the_base_revision(fake_
     merged = lm.merge([a, lm.load(EXAMPLES / "intent")], [1.0, 0.5], "sum")
     record = merged.provenance["inputs"][0]
     local = example_files("subtraction")
-    assert (record["source"], record["revision"]) == ("org/arith@v2", "v2")
+    head = next(c["sha"] for c in reversed(fake_hub.repos["org/arith"].commits) if c["branch"] == "v2")
+    assert (record["source"], record["revision"], record["commit"]) == ("org/arith@v2", "v2", head)
     assert record["files"] == {n: sha256(local[n]) for n in ("adapter_config.json", "adapter_model.safetensors")}
 
     merged.save(tmp_path / "out")
@@ -159,9 +160,9 @@ def test_hub_revision_goes_to_provenance_and_card_not_to_the_base_revision(fake_
     assert config["base_model_name_or_path"] == BASE
     card = (tmp_path / "out" / "README.md").read_text()
     row = next(line for line in card.splitlines() if line.startswith("| arith |"))
-    assert "| org/arith | v2 |" in row                  # source and revision columns
+    assert f"| org/arith | v2 (commit {head}) |" in row   # source and revision columns, the commit pinned
     assert sha256(local["adapter_model.safetensors"]) in row and sha256(local["adapter_config.json"]) in row
-    assert reproduce_recipe(card)["inputs"][0]["adapter"] == "org/arith@v2"
+    assert reproduce_recipe(card)["inputs"][0]["adapter"] == f"org/arith@{head}"   # remakes this exact merge
 
 
 def test_allow_pickle_adds_adapter_model_bin_to_the_download(fake_hub, tmp_path):
