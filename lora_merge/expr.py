@@ -158,7 +158,10 @@ def compose(expression: str, adapters: Mapping[str, Adapter] | None = None, *, m
     pool = {**(adapters or {}), **named}
     weights = parse(expression, set(pool))
     if method == "sum" and rank is None and energy is None and not params:
-        return Adapter.combination([(c, pool[n]) for n, c in weights.items()])
+        result = Adapter.combination([(c, pool[n]) for n, c in weights.items()])
+        if result._terms is not None:
+            return result            # lazy and exact; a lone input with weight 1 goes through merge below,
+                                     # so that the result records where it came from
     from .merge import merge
     extra = dict(params or {})
     if rank is not None:

@@ -156,7 +156,7 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
         if not allow_pickle:
             raise UnsafeFileError(
                 f"{pkl}: this adapter is stored as a pickle, and unpickling an untrusted file can run arbitrary "
-                f"code; convert it to {SAFETENSORS}, or opt in with allow_pickle=True (read with "
+                f"code; convert it to {SAFETENSORS}, or opt in with allow_pickle=True (--allow-pickle; read with "
                 "torch.load(weights_only=True))", file=str(pkl))
         try:
             data = torch.load(str(pkl), map_location="cpu", weights_only=True)

@@ -127,7 +127,8 @@ def test_other_failures_exit_1_with_one_line_and_debug_shows_the_traceback(monke
     state.debug = False
     monkeypatch.setenv("LORA_MERGE_DEBUG", "1")
     r = runner.invoke(app, ["compose", "x", "-a", f"x={tmp_path / 'missing'}", "-o", str(tmp_path / "o")])
-    assert isinstance(r.exception, lm.AdapterLoadError)        # raised, not turned into a line
+    assert r.exit_code == 2                                    # bad input keeps its exit code under --debug
+    assert "Traceback" in r.stderr and "AdapterLoadError" in r.stderr and "missing: no such adapter folder" in r.stderr
 
 
 def test_usage_errors_exit_2_and_every_command_has_examples():
@@ -242,3 +243,18 @@ def test_allow_base_mismatch_lets_the_merge_through(tmp_path):
     assert r.exit_code == 0, r.output
     m = "model.layers.4.self_attn.q_proj"
     assert rel(lm.load(tmp_path / "out").delta(m), 2 * lm.load(EXAMPLES / "intent").delta(m)) < 1e-3
+
+
+def test_review_regressions(tmp_path):
+    runner = CliRunner()
+    a = f"a={EXAMPLES / 'intent'}"
+    r = runner.invoke(app, ["compose", "a", "-a", a, "-p", "name=x", "-o", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "no parameter 'name'" in r.stderr          # not a TypeError, exit 1
+    r = runner.invoke(app, ["compose", "a", "-a", a, "--rank", "4", "--push-to-hub", "bad id!", "-o",
+                            str(tmp_path / "q")])
+    assert r.exit_code == 2 and "not a valid Hub repo id" in r.stderr and not (tmp_path / "q").exists()
+    r = runner.invoke(app, ["compose", "a", "-a", a, "--dtype", "float8", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "--dtype must be" in r.stderr and not (tmp_path / "d").exists()
+    r = runner.invoke(app, ["compose", "a", "-a", a, "-o", str(tmp_path / "one"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["inputs"][0]["source"] == str(EXAMPLES / "intent")
+    assert "| a | 1 |" in (tmp_path / "one" / "README.md").read_text()     # a lone input keeps its provenance

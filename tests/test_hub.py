@@ -18,9 +18,11 @@ from hub_server import TEST_TOKEN, FakeHub
 from hub_server import fake_hub as fake_hub_fixture  # noqa: F401 - the `fake_hub` fixture
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import lora_merge as lm
 from lora_merge import __version__
+from lora_merge.cli import app
 from lora_merge.errors import AdapterLoadError, HubError, LoraMergeError
 from lora_merge.hub import download, push
 
@@ -392,7 +394,8 @@ def test_cli_hub_errors_are_one_line_exit_2_and_never_show_the_token(fake_hub, t
         assert r.returncode == 2, r.stderr
         assert r.stdout == "" and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert all(n in r.stderr for n in needles) and "Traceback" not in r.stderr
-    assert debug.returncode == 1 and "HubError" in debug.stderr and "500" in debug.stderr
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert "HubError" in debug.stderr and "500" in debug.stderr
     assert "me/fails" not in fake_hub.repos and "me/fails-too" not in fake_hub.repos
 
 
@@ -405,3 +408,18 @@ def test_pushed_adapter_loads_back_with_the_same_deltas(fake_hub, tmp_path):
     for m in list(local.modules)[:4]:
         assert torch.equal(remote.delta(m), local.delta(m))
     assert remote.config == local.config and remote.files == local.files
+
+
+def test_private_does_not_silently_leave_an_existing_repo_public(fake_hub, tmp_path):
+    from lora_merge.errors import HubError
+    from lora_merge.hub import push
+    lm.merge([lm.load(EXAMPLES / "intent")], [1.0]).save(tmp_path / "out")
+    push(tmp_path / "out", "me/public")
+    with pytest.raises(HubError, match="exists and is public"):
+        push(tmp_path / "out", "me/public", private=True)
+    assert not fake_hub.repos["me/public"].private
+
+
+def test_names_that_merely_start_with_hf_are_not_scrubbed(tmp_path):
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "hf_checkpoints" / "adapter1")])
+    assert r.exit_code == 2 and "hf_checkpoints/adapter1: no such adapter folder" in r.stderr

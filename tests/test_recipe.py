@@ -286,3 +286,33 @@ def test_a_cards_recipe_reproduces_the_merge(tmp_path):
     for m in first.modules:
         assert torch.equal(lm.load(tmp_path / "again").modules[m].A, lm.load(tmp_path / "first").modules[m].A)
     assert again.provenance["params"] == first.provenance["params"]
+
+
+def test_review_regressions_in_recipes(tmp_path):
+    import shutil
+    lib = tmp_path / "lib"
+    for n in ("addition", "intent"):
+        shutil.copytree(EXAMPLES / n, lib / n)
+    path = write(tmp_path, "method: sum\ninputs: [lib/*]\noutput: {path: lib/merged}\n")
+    run(load_recipe(path))
+    adapter, _ = run(load_recipe(path), force=True)                  # the glob now also matches lib/merged
+    assert [rec["name"] for rec in adapter.provenance["inputs"]] == ["addition", "intent"]
+    with pytest.raises(RecipeError) as e:
+        parse_recipe("name: x\n")
+    assert {key for _, key, _ in e.value.problems} == {"method", "inputs"}   # missing keys named by their key
+    with pytest.raises(RecipeError, match="method 'cat' takes no rank"):
+        parse_recipe(f"method: cat\nrank: 4\ninputs: ['{EXAMPLES / 'intent'}']\n")
+    with pytest.raises(RecipeError, match="expected a mapping of parameter names"):
+        parse_recipe(f"method: sum\nparameters: []\ninputs: ['{EXAMPLES / 'intent'}']\n")
+    with pytest.raises(RecipeError, match="a glob adds several inputs"):
+        parse_recipe(f"method: sum\ninputs: [{{adapter: '{EXAMPLES}/*', name: lib}}]\n")
+
+
+def test_dry_run_of_a_factor_method_knows_its_rank_and_its_equal_rank_rule(tmp_path):
+    lm.load(EXAMPLES / "intent").compress(rank=4).save(tmp_path / "r4")
+    ok = parse_recipe(f"method: ties\nparameters: {{density: 0.5}}\n"
+                      f"inputs: ['{EXAMPLES / 'intent'}', '{EXAMPLES / 'addition'}']\n")
+    assert plan(ok)["output"]["rank"] == 8
+    bad = parse_recipe(f"method: linear\ninputs: ['{EXAMPLES / 'intent'}', '{tmp_path / 'r4'}']\n")
+    with pytest.raises(lm.MethodError, match="needs equal ranks"):
+        plan(bad)

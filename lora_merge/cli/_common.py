@@ -40,8 +40,9 @@ def command(fn):
         except (typer.Exit, typer.Abort):
             raise
         except LoraMergeError as e:
-            if _debug():
-                raise
+            if _debug():                     # the traceback (no local variables), still exit code 2
+                import traceback
+                typer.echo(_scrub(traceback.format_exc()).rstrip(), err=True)
             typer.echo("error: " + _scrub("\n  ".join(str(e).splitlines())), err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -58,9 +59,12 @@ def command(fn):
 
 
 # ---- option aliases, reused across commands ----------------------------------------------------------------
-Out = Annotated[Path | None, typer.Option("-o", "--out", help="Output folder (PEFT adapter).")]
+Out = Annotated[Path | None, typer.Option("-o", "--out", metavar="OUT", help="Output folder (PEFT adapter).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output folder if it exists.")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto (CUDA when present).")]
+Device = Annotated[str | None, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or auto (CUDA when "
+                                                                                "present).")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Read adapter_model.bin (pickle) when there is no "
+                                           "safetensors file, with torch.load(weights_only=True).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, for scripts.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 PushTo = Annotated[str | None, typer.Option("--push-to-hub", metavar="REPO_ID",
@@ -91,9 +95,22 @@ def shown(path: str | None) -> str:
 
 
 def hub_progress(quiet: bool) -> None:
-    """huggingface_hub draws per-file download/upload bars; --quiet turns them off."""
+    """huggingface_hub draws per-file download/upload bars; --quiet, or stderr not being a terminal, turns
+    them off."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    (disable_progress_bars if quiet else enable_progress_bars)()
+    (disable_progress_bars if quiet or not sys.stderr.isatty() else enable_progress_bars)()
+
+
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise LoraMergeError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}", key="dtype")
+
+
+def check_push_target(repo_id: str | None) -> None:
+    """Before any work: a --push-to-hub that cannot succeed is an error now, not after the merge."""
+    if repo_id:
+        from ..hub import check_repo_id
+        check_repo_id(repo_id)
 
 
 class RichSteps(Steps):

@@ -12,9 +12,9 @@ from ._common import Json, Private, Quiet, command, emit_json, hub_progress
 
 @command
 def push(
-    folder: Annotated[Path, typer.Argument(help="A saved adapter folder (e.g. the -o of merge).",
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A saved adapter folder (e.g. the -o of merge).",
                                            show_default=False)],
-    repo_id: Annotated[str, typer.Argument(help="Hub repo, org/name.", show_default=False)],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo, namespace/name.", show_default=False)],
     private: Private = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created if needed).")
                         ] = None,
@@ -26,10 +26,9 @@ def push(
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
 
+    \b
     Examples:
-
       lora-merge push out/merged me/merged-lora --private
-
       lora-merge push out/merged me/merged-lora --revision experiment-2 --commit-message "TIES, density 0.5"
     """
     from ..hub import push as push_folder

@@ -6,15 +6,17 @@ from typing import Annotated
 
 import typer
 
-from ._common import Json, Quiet, command, emit_json, hub_progress, stdout_console
+from ._common import AllowPickle, Json, Quiet, command, emit_json, hub_progress, stdout_console
 
 
 @command
 def inspect_adapter(
-    source: Annotated[str, typer.Argument(help="Adapter folder or Hub id org/name[@revision].", show_default=False)],
+    source: Annotated[str, typer.Argument(metavar="PATH_OR_REPO", help="Adapter folder or Hub id "
+                                          "org/name[@revision].", show_default=False)],
     as_json: Json = False,
     singular_values: Annotated[bool, typer.Option("--singular-values", help="List every module's singular "
                                                   "values (JSON always has them).")] = False,
+    allow_pickle: AllowPickle = False,
     quiet: Quiet = False,
 ) -> None:
     """Show an adapter's base model, ranks, alphas, targets, per-module norms and singular-value energy profile.
@@ -23,17 +25,16 @@ def inspect_adapter(
     below r means the adapter could be stored at a lower rank with little change (`lora-merge compose NAME
     -a NAME=PATH --rank K -o OUT`).
 
+    \b
     Examples:
-
       lora-merge inspect examples/adapters/addition
-
       lora-merge inspect org/some-lora@main --json
     """
     from ..io import load
     from ..summary import describe
 
     hub_progress(quiet)
-    info = describe(load(source))
+    info = describe(load(source, allow_pickle=allow_pickle))
     if as_json:
         emit_json(info)
         return

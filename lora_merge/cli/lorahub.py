@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from ._common import Device, Force, Json, Private, PushTo, Quiet, command, emit_json, hub_progress, stderr_console
+from ._common import (
+    Device,
+    Force,
+    Json,
+    Private,
+    PushTo,
+    Quiet,
+    check_push_target,
+    command,
+    emit_json,
+    hub_progress,
+    stderr_console,
+)
 
 
 @command
@@ -39,10 +51,10 @@ def hub(
     starting from w = 0 (the base model). The folder gets the adapter, its model card and lorahub.json (the
     weights and the loss of every evaluation).
 
+    \b
     Example:
-
-      lora-merge hub --adapters adapters/a,adapters/b,org/c-lora --base-model HuggingFaceTB/SmolLM2-135M-Instruct
-      --examples few.jsonl --budget 40 --seed 0 -o out/hub
+      lora-merge hub --adapters adapters/a,adapters/b,org/c-lora \\
+          --base-model HuggingFaceTB/SmolLM2-135M-Instruct --examples few.jsonl --budget 40 --seed 0 -o out/hub
     """
     from ..errors import OutputExistsError
     from ..io import load
@@ -51,6 +63,7 @@ def hub(
 
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: already exists; pass --force to overwrite it", file=str(out))
+    check_push_target(push_to_hub)
     rows = read_examples(examples, limit=n_examples)
     hub_progress(quiet)
     inputs = [load(s.strip()) for s in adapters.split(",") if s.strip()]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ._common import (
+    AllowPickle,
     Device,
     Force,
     Json,
@@ -16,6 +17,8 @@ from ._common import (
     PushTo,
     Quiet,
     RichSteps,
+    check_dtype,
+    check_push_target,
     command,
     emit_json,
     hub_progress,
@@ -55,8 +58,8 @@ def _push(out: Path, repo_id: str | None, private: bool, quiet: bool) -> str | N
 
 @command
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/ for examples to copy).",
-                                           show_default=False)],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="A YAML recipe (see recipes/ for examples to "
+                                           "copy).", show_default=False)],
     out: Out = None,
     device: Device = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan; compute nothing.")] = False,
@@ -68,17 +71,16 @@ def merge(
 ) -> None:
     """Run a merge recipe and save the result as a PEFT adapter folder.
 
+    \b
     Examples:
-
       lora-merge merge recipes/task_arithmetic.yaml -o out/task_arithmetic
-
       lora-merge merge recipes/ties.yaml --dry-run
-
       lora-merge merge my_recipe.yaml -o out/merged --push-to-hub me/merged-lora --private
     """
     from ..recipe import load_recipe
     from ..runner import plan, run
 
+    check_push_target(push_to_hub)
     parsed = load_recipe(recipe)
     if dry_run:
         hub_progress(quiet)
@@ -117,17 +119,22 @@ def _show_plan(p: dict, as_json: bool) -> None:
 
 @command
 def compose(
-    expression: Annotated[str, typer.Argument(help="e.g. '0.6*math + 0.4*code - 0.3*toxic'", show_default=False)],
-    adapter: Annotated[list[str], typer.Option("-a", "--adapter", help="NAME=PATH_OR_REPO, once per name.",
+    expression: Annotated[str, typer.Argument(metavar="EXPRESSION", help="e.g. '0.6*math + 0.4*code - 0.3*toxic'",
+                                              show_default=False)],
+    adapter: Annotated[list[str], typer.Option("-a", "--adapter", metavar="NAME=PATH_OR_REPO",
+                                               help="An adapter and its name in the expression; repeat it.",
                                                show_default=False)],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (PEFT adapter).", show_default=False)],
+    out: Annotated[Path, typer.Option("-o", "--out", metavar="OUT", help="Output folder (PEFT adapter).",
+                                      show_default=False)],
     method: Annotated[str, typer.Option(help="Merge method applied with the expression's weights.")] = "sum",
     rank: Annotated[int | None, typer.Option(help="Output rank (factored SVD).")] = None,
     energy: Annotated[float | None, typer.Option(help="Keep this share of squared singular values.")] = None,
     density: Annotated[float | None, typer.Option(help="For ties / dare / magnitude_prune.")] = None,
-    param: Annotated[list[str] | None, typer.Option("-p", "--param", help="KEY=VALUE, any method parameter.")
-                     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="Storage dtype: float32, float16 or bfloat16.")] = None,
+    param: Annotated[list[str] | None, typer.Option("-p", "--param", metavar="KEY=VALUE",
+                                                    help="Any parameter of the method; repeat it.")] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help="Storage dtype: float32, float16 or "
+                                              "bfloat16 (default: the inputs').")] = None,
+    allow_pickle: AllowPickle = False,
     device: Device = None,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help="Merge adapters trained on "
                                                       "different base models (same architecture).")] = False,
@@ -139,28 +146,36 @@ def compose(
 ) -> None:
     """Evaluate an arithmetic expression over named adapters and save the result as a PEFT folder.
 
+    \b
     Examples:
-
-      lora-merge compose "addition + subtraction - 0.5*intent" -a addition=examples/adapters/addition
-      -a subtraction=examples/adapters/subtraction -a intent=examples/adapters/intent --rank 8 -o out/combo
-
-      lora-merge compose "0.5*math + 0.5*code" -a math=org/math-lora@v1 -a code=org/code-lora
-      --method ties --density 0.5 -o out/ties
+      lora-merge compose "addition + subtraction - 0.5*intent" \\
+          -a addition=examples/adapters/addition -a subtraction=examples/adapters/subtraction \\
+          -a intent=examples/adapters/intent --rank 8 -o out/combo
+      lora-merge compose "0.5*math + 0.5*code" -a math=org/math-lora@v1 -a code=org/code-lora \\
+          --method ties --density 0.5 -o out/ties
     """
     import yaml
 
-    from ..errors import LoraMergeError, OutputExistsError
+    from ..errors import LoraMergeError, MethodError, OutputExistsError
     from ..expr import compose as compose_expr
     from ..io import load
     from ..merge import resolve_device
+    from ..methods import get_method
 
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: already exists; pass --force to overwrite it", file=str(out))
+    check_dtype(dtype)
+    check_push_target(push_to_hub)
+    spec = get_method(method)
     params = {}
-    for spec in param or []:
-        key, sep, value = spec.partition("=")
+    for item in param or []:
+        key, sep, value = item.partition("=")
         if not sep or not key:
-            raise LoraMergeError(f"--param expects KEY=VALUE, got {spec!r}", key="param")
+            raise LoraMergeError(f"--param expects KEY=VALUE, got {item!r}", key="param")
+        if key not in spec.params or key in ("rank", "energy"):
+            own = [p for p in spec.params if p not in ("rank", "energy")]
+            raise MethodError(f"method '{method}' has no parameter '{key}' to set with --param; its parameters: "
+                              f"{', '.join(own) or 'none'} (and --rank / --energy)", key=key)
         params[key] = yaml.safe_load(value)
     if density is not None:
         params["density"] = density
@@ -172,14 +187,18 @@ def compose(
             raise LoraMergeError(f"--adapter expects NAME=PATH_OR_REPO, got {spec!r}", key="adapter")
         if name in pool:
             raise LoraMergeError(f"--adapter: the name '{name}' is given twice", key="adapter")
-        pool[name] = load(source, name=name)
+        pool[name] = load(source, name=name, allow_pickle=allow_pickle)
     dev = resolve_device(device or "cpu")
     if dev.type != "cpu":
         params["device"] = dev
     if allow_base_mismatch:
         params["allow_base_mismatch"] = True
-    result = compose_expr(expression, pool, method=method, rank=rank, energy=energy, params=params or None)
-    result.save(out, force=force, dtype=dtype)
+    with RichSteps(quiet) as steps:
+        if params or method != "sum" or rank is not None or energy is not None:
+            steps.start("merge", len(set().union(*(a.modules for a in pool.values()))))
+            params["progress"] = lambda m: steps.advance("merge", m)
+        result = compose_expr(expression, pool, method=method, rank=rank, energy=energy, params=params or None)
+        result.save(out, force=force, dtype=dtype)
     _report(_summary(result, out, _push(out, push_to_hub, private, quiet)), as_json)
 
 
