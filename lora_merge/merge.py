@@ -122,14 +122,18 @@ def _plain_only(spec: MergeMethod, path: str, entries: Entries) -> None:
                 "methods (sum, cat, svd) merge biases", file=a.source, module=path)
 
 
-def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
-    _plain_only(spec, path, entries)
-    ranks = {x.rank for _, x, _ in entries}
-    if len(ranks) > 1:
+def check_equal_ranks(method: str, path: str, entries: Entries) -> None:
+    """The factor family combines A and B element-wise: every input's rank must be the same at `path`."""
+    if len({x.rank for _, x, _ in entries}) > 1:
         listing = ", ".join(f"{a.name}: r={x.rank}" for _, x, a in entries)
-        raise MethodError(f"{spec.name} combines A and B factors element-wise and needs equal ranks, but module "
+        raise MethodError(f"{method} combines A and B factors element-wise and needs equal ranks, but module "
                           f"{path} has {listing}; use 'svd' (or 'ties_svd', ...) for adapters of different ranks",
                           module=path, key="method")
+
+
+def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
+    _plain_only(spec, path, entries)
+    check_equal_ranks(spec.name, path, entries)
     if spec.split == "pem":
         wa = [abs(c) * math.sqrt(x.scale) for c, x, _ in entries]
         wb = [c * math.sqrt(x.scale) for c, x, _ in entries]

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from .adapter import Adapter, check_compatible, module_inputs
-from .errors import BaseModelMismatchError, LoraMergeError, MethodError, OutputExistsError
+from .errors import BaseModelMismatchError, LoraMergeError, OutputExistsError
 from .io import load
-from .merge import merge, resolve_device
+from .merge import check_equal_ranks, merge, resolve_device
 from .methods import get_method
 from .recipe import LORAHUB, Recipe, is_glob
 
@@ -100,12 +100,7 @@ def plan(recipe: Recipe, out: str | os.PathLike | None = None, *, device: str | 
         rank = params.get("rank")
         if spec.family == "factor":       # element-wise on the factors: equal ranks in, the same rank out
             for path, entries in table.items():
-                ranks = {x.rank for _, x, _ in entries}
-                if len(ranks) > 1:
-                    listing = ", ".join(f"{a.name}: r={x.rank}" for _, x, a in entries)
-                    raise MethodError(f"{spec.name} combines A and B factors element-wise and needs equal ranks, "
-                                      f"but module {path} has {listing}; use 'svd' (or 'ties_svd', ...)",
-                                      module=path, key="method")
+                check_equal_ranks(spec.name, path, entries)
             if rank is None and params.get("energy") is None:
                 rank = max(x.rank for entries in table.values() for _, x, _ in entries)
         if rank is None and spec.default_rank == "max" and params.get("energy") is None:
