@@ -107,6 +107,9 @@ class FewShotLoss:
             start = model.config.decoder_start_token_id
             self.decoder_ids = torch.cat([torch.full((len(rows), 1), start), self.input_ids[:, :-1]], 1)
             self.decoder_ids[self.decoder_ids == -100] = pad
+        for name in ("input_ids", "attention", "labels", "enc_ids", "enc_attention", "decoder_ids"):
+            if hasattr(self, name):                   # tokenised once, moved to the model's device once
+                setattr(self, name, getattr(self, name).to(self.device))
         self.E, self.T = self.input_ids.shape
         self.tokens = int((self.labels != -100).sum())
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -124,7 +127,7 @@ class FewShotLoss:
 
     def _losses(self, P: int) -> torch.Tensor:
         def rep(t):
-            return t.repeat(P, 1).to(self.device)
+            return t.repeat(P, 1)
         if self.encoder_decoder:
             logits = self.model(input_ids=rep(self.enc_ids), attention_mask=rep(self.enc_attention),
                                 decoder_input_ids=rep(self.decoder_ids)).logits
