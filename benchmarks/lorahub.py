@@ -11,7 +11,8 @@ it into the PEFT model, compute the few-shot loss; one candidate at a time), in 
 
 Scoring, as for the adapters' own scores.json: each option's summed log-probability of `" " + option` after
 `input + "\\nAnswer:"`; the highest wins. Few-shot examples: `--shots` rows drawn (by seed) from the task's
-training rows (row 100 onwards). Results go to --out as JSON, one task at a time.
+training rows (row 100 onwards). Results go to --out as JSON, one task at a time; tasks already in --out
+(from a run with the same settings) are kept, so `--tasks` can finish an interrupted run.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def main() -> None:
     tasks = args.tasks or sorted(p.stem for p in args.data.glob("*.jsonl"))
     results = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(), "K": K,
                "budget": args.budget, "shots": args.shots, "seeds": args.seeds, "tasks": {}}
+    if args.out.is_file():                     # add to earlier runs with the same settings, task by task
+        earlier = json.loads(args.out.read_text())
+        if all(earlier.get(k) == results[k] for k in ("device", "K", "budget", "shots", "seeds")):
+            results["tasks"] = earlier.get("tasks", {})
     print(f"{K} adapters, {len(tasks)} tasks, device {dev}", flush=True)
     for task in tasks:
         data = rows(args.data / f"{task}.jsonl")
