@@ -70,7 +70,7 @@ class Adapter:
     Build one with `lora_merge.load`, `lora_merge.merge`, or arithmetic on other adapters.
     """
 
-    _modules: dict[str, LoraWeight] | None
+    _modules: Mapping[str, LoraWeight] | None    # a dict, or LazyModules read on demand
     config: dict
     name: str = "adapter"
     source: str | None = None
@@ -106,11 +106,19 @@ class Adapter:
         return self._terms if self._terms is not None else ((1.0, self),)
 
     @property
-    def modules(self) -> dict[str, LoraWeight]:
-        """Module path -> LoraWeight. A combination builds its (exact, concatenated) factors on first use."""
+    def modules(self) -> Mapping[str, LoraWeight]:
+        """Module path -> LoraWeight. A loaded adapter reads each module from its file when asked for it; a
+        combination builds a module's (exact, concatenated) factors when asked for it (`lora_merge.lazy`)."""
         if self._modules is None:
-            self._modules = concat_modules(list(self.terms))
+            self._modules = combination_modules(list(self.terms))
         return self._modules
+
+    @property
+    def metas(self) -> Mapping[str, LoraWeight]:
+        """Module path -> LoraWeight whose tensors may be on the meta device: shapes, dtypes, ranks and scales,
+        known without reading any values."""
+        modules = self.modules
+        return getattr(modules, "metas", modules)
 
     # ---- arithmetic ---------------------------------------------------------------------------------------
     def __add__(self, other: Adapter) -> Adapter:
@@ -158,14 +166,14 @@ class Adapter:
             return self.storage_dtype
         if self._terms is not None:
             return common_dtype([leaf for _, leaf in self._terms])
-        return _single_dtype({w.A.dtype for w in self.modules.values()})
+        return _single_dtype({w.A.dtype for w in self.metas.values()})
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense update of one module, in `dtype`."""
         return self.modules[module].delta(dtype)
 
     def __repr__(self) -> str:
-        ranks = sorted({w.rank for w in self.modules.values()}) if self._modules is not None else "lazy"
+        ranks = sorted({w.rank for w in self.metas.values()}) if self._modules is not None else "lazy"
         return f"Adapter({self.name!r}, modules={len(self._modules or {}) or '?'}, ranks={ranks})"
 
     # ---- transformations ----------------------------------------------------------------------------------
@@ -254,14 +262,15 @@ def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False)
             "allow_base_mismatch: true)", file=odd.source, key="base_model_name_or_path")
 
 
-def module_inputs(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:
-    """For every module in the union of the adapters: the (weight, LoraWeight, adapter) of those that have it.
+def module_table(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:
+    """For every module in the union of the adapters: the (weight, LoraWeight, adapter) of those that have it,
+    the LoraWeight being the module's meta (shapes, ranks, scales: read `adapter.modules[path]` for values).
 
     A module an adapter lacks contributes zero. Shapes and kinds are checked here, naming both files.
     """
     table: dict[str, list[tuple[float, LoraWeight, Adapter]]] = {}
     for adapter, weight in zip(adapters, weights):
-        for path, w in adapter.modules.items():
+        for path, w in adapter.metas.items():
             entries = table.setdefault(path, [])
             if entries:
                 _, w0, a0 = entries[0]
@@ -301,10 +310,27 @@ def _where(adapter: Adapter) -> str:
     return adapter.source or adapter.name
 
 
-def concat_modules(terms: list[tuple[float, Adapter]]) -> dict[str, LoraWeight]:
-    """The exact weighted sum of the terms, per module: `[B_1 ... B_k] @ [c_1 s_1 A_1; ...; c_k s_k A_k]`."""
-    table = module_inputs([a for _, a in terms], [c for c, _ in terms])
-    return {path: concat(path, entries) for path, entries in table.items()}
+Entries = list[tuple[float, "LoraWeight", "Adapter"]]
+
+
+def read_entries(path: str, entries: Entries) -> Entries:
+    """A `module_table` row with the module's values read (one module of each input in memory)."""
+    return [(c, a.modules[path], a) for c, _, a in entries]
+
+
+def module_inputs(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:
+    """`module_table` with every module's values read: all modules in memory at once."""
+    return {path: read_entries(path, entries) for path, entries in module_table(adapters, weights).items()}
+
+
+def combination_modules(terms: list[tuple[float, Adapter]]) -> Mapping[str, LoraWeight]:
+    """The exact weighted sum of the terms, per module, built when a module is asked for:
+    `[B_1 ... B_k] @ [c_1 s_1 A_1; ...; c_k s_k A_k]`."""
+    from .lazy import LazyModules, meta_weight
+    table = module_table([a for _, a in terms], [c for c, _ in terms])
+    metas = {path: concat(path, [(c, meta_weight(x), a) for c, x, a in entries])    # meta tensors: no values
+             for path, entries in table.items()}
+    return LazyModules(metas, lambda path: concat(path, read_entries(path, table[path])))
 
 
 def concat(path: str, entries: list[tuple[float, LoraWeight, Adapter]]) -> LoraWeight:

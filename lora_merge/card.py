@@ -68,7 +68,7 @@ def model_card(adapter, config: dict) -> str:
         lines += ["Then:", "", "```json", json.dumps(extra, indent=2, sort_keys=True, default=str), "```", ""]
     if prov.get("lorahub"):
         lines += _lorahub_section(prov["lorahub"])
-    ranks = sorted({w.rank for w in adapter.modules.values()})
+    ranks = sorted({w.rank for w in adapter.metas.values()})
     lines += [f"Modules: {len(adapter.modules)}; ranks: {ranks[0]}..{ranks[-1]}; "
               f"lora-merge version: {prov.get('lora_merge_version') or __version__}.", ""]
 

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-from . import __version__
+from . import __version__, stfile
 from .adapter import Adapter, LoraWeight
 from .config import finalize, module_alpha, module_rank, peft_pattern, scaling
 from .errors import (
@@ -32,6 +32,7 @@ from .errors import (
     ShapeMismatchError,
     UnsafeFileError,
 )
+from .lazy import from_safetensors, to_meta
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
@@ -79,11 +80,15 @@ def resolve(source: str | os.PathLike, revision: str | None = None,
 
 
 def load(source: str | os.PathLike, *, name: str | None = None, revision: str | None = None,
-         allow_pickle: bool = False) -> Adapter:
+         allow_pickle: bool = False, lazy: bool = True) -> Adapter:
     """Load a PEFT LoRA adapter from a folder or a Hub repo id (`org/name` or `org/name@revision`).
 
     Every module becomes a `LoraWeight` (A, B, scale) with its own rank and alpha (rank_pattern,
     alpha_pattern and rsLoRA resolved as PEFT resolves them). Tensors keep their stored dtype.
+
+    Every tensor is read and checked here (one at a time), so that a bad file fails now, naming its module.
+    With `lazy=True` (the default; safetensors files only) the values are then dropped and read again from
+    the file when a module is used, so a merge holds one module of each input at a time (`lora_merge.lazy`).
     """
     folder, revision = resolve(source, revision, allow_pickle)
     cfg_path = folder / CONFIG
@@ -101,14 +106,16 @@ def load(source: str | os.PathLike, *, name: str | None = None, revision: str | 
         raise AdapterLoadError(f"{cfg_path}: peft_type is {peft_type}; only LORA adapters can be merged",
                                file=str(cfg_path), key="peft_type")
 
-    tensors, weights_path = _read_tensors(folder, allow_pickle)
+    tensors, weights_path = _read_tensors(folder, allow_pickle, lazy)
     files = {CONFIG: _sha256(cfg_path), weights_path.name: _sha256(weights_path)}
-    modules, extra = _parse(tensors, config, str(weights_path))
+    modules, extra, keys = _parse(tensors, config, str(weights_path))
     if not modules:
         raise AdapterLoadError(f"{weights_path}: holds no LoRA tensors (keys like "
                                f"'{PREFIX}<module>.lora_A.weight')", file=str(weights_path))
     hub = str(source) != str(folder) and not Path(source).expanduser().exists()
     commit = folder.name if hub and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+    if lazy and weights_path.name == SAFETENSORS:
+        modules = from_safetensors(weights_path, modules, keys)
     return Adapter(modules, config, name=name or _default_name(source), source=str(source), files=files,
                    extra=extra, revision=revision, commit=commit)
 
@@ -145,11 +152,44 @@ def _default_name(source: str | os.PathLike) -> str:
     return Path(text).name or text
 
 
-def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
+def _split_key(key: str) -> tuple[str, str, bool | None] | None:
+    """(module path, slot, embedding?) of a LoRA tensor's key; None for any other tensor."""
+    path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for suffix, (slot, emb) in _SUFFIXES.items():
+        if path.endswith(suffix):
+            return path[: -len(suffix)], slot, emb
+    return None
+
+
+def _check_values(key: str, t: torch.Tensor, file: str) -> None:
+    """A LoRA tensor must be floating point and finite (values on the meta device were checked when read)."""
+    module = _split_key(key)[0]
+    if not torch.is_floating_point(t):
+        raise AdapterLoadError(f"{file}: {key} has dtype {t.dtype}, expected floating point",
+                               file=file, module=module, key=key)
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{file}: module {module} holds NaN or Inf values ({key})",
+                             file=file, module=module, key=key)
+
+
+def _read_tensors(folder: Path, allow_pickle: bool, lazy: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
+    """The file's tensors; with `lazy`, LoRA tensors are checked one at a time and kept as meta tensors."""
     st, pkl = folder / SAFETENSORS, folder / PICKLE
     if st.is_file():
         try:
-            return load_file(str(st)), st
+            if not lazy:
+                return load_file(str(st)), st
+            tensors = {}
+            with safe_open(str(st), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if _split_key(key) is not None:
+                        _check_values(key, t, str(st))
+                        t = to_meta(t)
+                    else:
+                        t = t.clone()    # get_tensor maps the file: a copy, so that the file may change later
+                    tensors[key] = t
+            return tensors, st
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterLoadError(f"{st}: not a readable safetensors file ({e})", file=str(st)) from e
     if pkl.is_file():
@@ -169,27 +209,23 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
 
 
 def _parse(tensors: dict[str, torch.Tensor], config: dict, file: str
-           ) -> tuple[dict[str, LoraWeight], dict[str, torch.Tensor]]:
+           ) -> tuple[dict[str, LoraWeight], dict[str, torch.Tensor], dict[str, dict[str, str]]]:
+    """Modules (with their tensors, real or meta), the other tensors, and each module's key per slot."""
     parts: dict[str, dict] = {}
+    keys: dict[str, dict[str, str]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        for suffix, (slot, emb) in _SUFFIXES.items():
-            if path.endswith(suffix):
-                module = path[: -len(suffix)]
-                if not torch.is_floating_point(t):
-                    raise AdapterLoadError(f"{file}: {key} has dtype {t.dtype}, expected floating point",
-                                           file=file, module=module, key=key)
-                if not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(f"{file}: module {module} holds NaN or Inf values ({key})",
-                                         file=file, module=module, key=key)
-                entry = parts.setdefault(module, {})
-                entry[slot] = t
-                if emb is not None:
-                    entry["embedding"] = emb
-                break
-        else:
+        split = _split_key(key)
+        if split is None:
             extra[key] = t
+            continue
+        module, slot, emb = split
+        _check_values(key, t, file)
+        entry = parts.setdefault(module, {})
+        entry[slot] = t
+        keys.setdefault(module, {})[slot] = key
+        if emb is not None:
+            entry["embedding"] = emb
 
     modules = {}
     use_rslora = bool(config.get("use_rslora"))
@@ -216,7 +252,7 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, file: str
         scale = scaling(module_alpha(config, module), rank, use_rslora)
         modules[module] = LoraWeight(A=A, B=B, scale=scale, embedding=bool(p.get("embedding")),
                                      magnitude=p.get("magnitude"), bias=p.get("bias"))
-    return modules, extra
+    return modules, extra, keys
 
 
 def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
@@ -248,7 +284,7 @@ def state_dict(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def peft_config(adapter: Adapter) -> dict:
     """adapter_config.json for the adapter: r, lora_alpha and patterns such that PEFT applies each module's scale."""
-    modules = adapter.modules
+    modules = adapter.metas
     ranks = {m: w.rank for m, w in modules.items()}
     scales = {m: w.scale for m, w in modules.items()}
     any_bias = any(w.bias is not None for w in modules.values())
@@ -273,7 +309,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
         raise OutputExistsError(f"{path}: exists and is not an adapter folder (no {CONFIG}); lora-merge replaces "
                                 "only adapter folders, even with --force: choose a new folder", file=str(path))
     out_dtype = _dtype(dtype, adapter.dtype)
-    modules = adapter.modules
+    modules = adapter.metas
     if not modules:
         raise LoraMergeError(f"{adapter.name}: the adapter has no modules (all terms cancelled?); nothing to save")
     tensors = state_dict(adapter, out_dtype)
@@ -295,7 +331,7 @@ def save(adapter: Adapter, path: str | os.PathLike, *, force: bool = False,
     os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes 0700; a saved adapter is as readable as any new folder
     old = None
     try:
-        save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt", "lora_merge_version": __version__})
+        stfile.write(tmp / SAFETENSORS, tensors, metadata={"format": "pt", "lora_merge_version": __version__})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(adapter, config))
         for name, text in (extra_files or {}).items():     # e.g. lorahub.json, in the same atomic rename

@@ -29,6 +29,63 @@ def dense_svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return torch.linalg.svd(delta, full_matrices=False)
 
 
+OVERSAMPLE = 8     # extra columns of the randomized range finder
+POWER_ITERATIONS = 4
+SKETCH_SEED = 0    # the random test matrix depends on the shape only: results do not depend on batching
+
+
+def randomized_svd(D: torch.Tensor, k: int, *, oversample: int = OVERSAMPLE, niter: int = POWER_ITERATIONS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `k` singular triplets of `D` (batched over leading dimensions) by a randomized range finder with
+    power iterations (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1): O(m n (k + p) niter) instead of
+    the O(m n min(m, n)) of a full SVD. Each power iteration is re-orthonormalised by QR, so float32 holds.
+
+    Exact when the rank of D is at most k + p; otherwise its error falls as (s_{k+p+1} / s_k)^(2 niter + 1).
+    The test matrix comes from a fixed seed and depends only on the shape, so a matrix gets the same result
+    alone or in a batch, on every run.
+    """
+    m, n = D.shape[-2:]
+    q = min(k + oversample, m, n)
+    gen = torch.Generator().manual_seed(SKETCH_SEED)
+    omega = torch.randn(n, q, generator=gen, dtype=D.dtype).to(D.device)
+    Q = torch.linalg.qr(D @ omega).Q                     # (..., m, q): a basis of D's dominant range
+    for _ in range(niter):
+        Q = torch.linalg.qr(D.mT @ Q).Q
+        Q = torch.linalg.qr(D @ Q).Q
+    u, s, vh = torch.linalg.svd(Q.mT @ D, full_matrices=False)     # the small (q x n) projection
+    return (Q @ u)[..., :k], s[..., :k], vh[..., :k, :]
+
+
+def use_randomized(shape: tuple[int, int], rank: int | None, energy: float | None, mode: str) -> bool:
+    """Whether a dense re-factoring takes the randomized path: `mode` "exact" / "randomized" say so; "auto"
+    takes it when only the top `rank` are needed (no `energy`, which needs the whole spectrum) and the matrix
+    is large enough for it to pay (the smaller side at least 512 and 8 times the sketch)."""
+    if mode not in ("auto", "exact", "randomized"):
+        raise MethodError(f"svd must be 'auto', 'exact' or 'randomized', got {mode!r}", key="svd")
+    if mode == "exact":
+        return False
+    if energy is not None or rank is None:
+        if mode == "randomized":
+            raise MethodError("svd='randomized' needs a rank (not energy, which needs the whole spectrum)",
+                              key="svd")
+        return False
+    if mode == "randomized":
+        return True
+    small = min(shape)
+    return small >= 512 and 8 * (rank + OVERSAMPLE) <= small
+
+
+def refactor(deltas: torch.Tensor, rank: int | None, energy: float | None, mode: str = "auto"
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Factors (B, A) of the best approximation of each matrix of the stack `deltas` (N, m, n), decomposed in
+    one batched call: the exact thin SVD, or the randomized one (see `use_randomized`)."""
+    if use_randomized(tuple(deltas.shape[-2:]), rank, energy, mode):
+        u, s, vh = randomized_svd(deltas, rank)
+    else:
+        u, s, vh = dense_svd(deltas)
+    return [truncate(u[i], s[i], vh[i], rank, energy) for i in range(deltas.shape[0])]
+
+
 def select_rank(s: torch.Tensor, rank: int | None = None, energy: float | None = None) -> int:
     """How many singular values to keep.
 

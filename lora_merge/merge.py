@@ -21,12 +21,14 @@ from .adapter import (
     combined_config,
     common_dtype,
     concat,
-    module_inputs,
+    module_table,
+    read_entries,
     shared_extras,
     split_weight,
 )
+from .batching import RefactorQueue, chunk_bytes
 from .errors import MethodError, UnsupportedAdapterError
-from .linalg import dense_svd, lowrank, truncate
+from .linalg import lowrank
 from .methods import MergeMethod, get_method
 
 Entries = list[tuple[float, LoraWeight, Adapter]]
@@ -42,6 +44,12 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     `seed`) and the output `rank` / `energy`. A module that an adapter lacks contributes zero to it.
     `device` ("cpu", "cuda", "auto") is where each module is computed; results come back to the CPU.
     `progress(module)` is called after each module.
+
+    Memory: the inputs are read one module at a time (adapters loaded by `lora_merge.load` keep no values in
+    memory), so the peak is one module's inputs plus the result. The dense methods build one module's delta at
+    a time and re-factor deltas of the same shape in one batched SVD (`lora_merge.batching`); their `svd`
+    parameter picks the exact thin SVD or a randomized truncated one ("auto": randomized where only the top
+    `rank` of a large matrix are needed).
     """
     if isinstance(adapters, Mapping):   # the mapping's keys name the adapters
         adapters = [dataclasses.replace(a, name=n) if a.name != n else a
@@ -55,22 +63,34 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     check_compatible(adapters, allow_base_mismatch)
     extra = shared_extras(adapters)
 
-    table = module_inputs(adapters, w)
+    table = module_table(adapters, w)
     if not table:
         raise MethodError(f"{spec.name}: the adapters have no modules (all terms cancelled?); nothing to merge")
     rank = p.get("rank")
     if rank is None and spec.default_rank == "max" and p.get("energy") is None:
         rank = max(x.rank for entries in table.values() for _, x, _ in entries)
     rng = torch.Generator().manual_seed(p["seed"]) if spec.uses_rng else None
-    combine = {"exact": _exact, "factor": _factor, "dense": _dense}[spec.family]
+    combine = {"exact": _exact, "factor": _factor}.get(spec.family)
     dev = resolve_device(device)
     modules = {}
-    for path, entries in table.items():
-        if dev.type != "cpu":
-            entries = [(c, x.to(dev), a) for c, x, a in entries]
-        modules[path] = combine(spec, path, entries, p, rng, rank).to("cpu")
+
+    def done(path: str, weight: LoraWeight) -> None:
+        modules[path] = weight.to("cpu")
         if progress is not None:
             progress(path)
+
+    queue = RefactorQueue(rank, p.get("energy"), p.get("svd", "exact"), chunk_bytes(dev), done)
+    for path, entries in table.items():
+        entries = read_entries(path, entries)          # this module of each input, and no other, in memory
+        if dev.type != "cpu":
+            entries = [(c, x.to(dev), a) for c, x, a in entries]
+        if spec.family == "dense":
+            queue.put(path, _dense(spec, path, entries, p, rng), entries[0][1].embedding)
+        else:
+            done(path, combine(spec, path, entries, p, rng, rank))
+        del entries
+    queue.close()
+    modules = {path: modules[path] for path in table}
 
     resolved = dict(p, rank=rank) if "rank" in p else dict(p)
     provenance = {"method": spec.name, "params": resolved, "inputs": [_input_record(a, x) for a, x in zip(adapters, w)],
@@ -150,19 +170,17 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
     return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
 
 
-def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: int | None) -> LoraWeight:
+def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng) -> torch.Tensor:
+    """One module's merged dense delta (float32); its re-factoring is queued (see `merge`)."""
     _plain_only(spec, path, entries)
     deltas = torch.stack([x.delta(torch.float32) for _, x, _ in entries])
     coefs = torch.tensor([c for c, _, _ in entries], dtype=torch.float32, device=deltas.device)
-    delta = spec.op(deltas, coefs, **_op_kwargs(spec, p, rng))
-    del deltas
-    B, A = truncate(*dense_svd(delta), rank, p.get("energy"))
-    return LoraWeight(A=A, B=B, scale=1.0, embedding=entries[0][1].embedding)
+    return spec.op(deltas, coefs, **_op_kwargs(spec, p, rng))
 
 
 def _op_kwargs(spec: MergeMethod, p: dict, rng: torch.Generator | None) -> dict:
     """The resolved parameters that the method's tensor operation takes, and its random generator."""
-    kwargs = {k: v for k, v in p.items() if k not in ("rank", "energy", "seed")}
+    kwargs = {k: v for k, v in p.items() if k not in ("rank", "energy", "seed", "svd")}
     return kwargs | ({"rng": rng} if rng is not None else {})
 
 

@@ -72,7 +72,7 @@ class Composition:
             raise MethodError("a composition needs at least one adapter")
         self.model, self.adapters, self.mode = model, adapters, mode
         self.layers: dict[str, tuple[nn.Module, str, nn.Linear, WeightedLoraLinear]] = {}
-        paths = sorted(set().union(*(a.modules for a in adapters)))
+        paths = sorted(set().union(*(a.metas for a in adapters)))
         for path in paths:
             self._attach(path)
 
@@ -88,9 +88,9 @@ class Composition:
         if not isinstance(base, nn.Linear):
             raise UnsupportedAdapterError(f"module {path} is a {type(base).__name__}; only Linear layers can be "
                                           "composed with weights", module=path)
-        ranks = {a.modules[path].rank for a in self.adapters if path in a.modules}
+        ranks = {a.metas[path].rank for a in self.adapters if path in a.metas}
         r = max(ranks)
-        if self.mode == "factor" and len({a.modules[path].rank if path in a.modules else r
+        if self.mode == "factor" and len({a.metas[path].rank if path in a.metas else r
                                           for a in self.adapters}) > 1:
             raise MethodError(f"module {path}: the factor composition sums A and B matrices and needs equal ranks; "
                               "use compose='delta'", module=path, key="compose")

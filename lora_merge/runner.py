@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .adapter import Adapter, check_compatible, module_inputs
+from .adapter import Adapter, check_compatible, module_table
 from .errors import BaseModelMismatchError, LoraMergeError, OutputExistsError
 from .io import load
 from .merge import check_equal_ranks, merge, resolve_device
@@ -85,7 +85,7 @@ def plan(recipe: Recipe, out: str | os.PathLike | None = None, *, device: str | 
     adapters = load_inputs(recipe)
     weights = recipe.weights
     w = [weights.get(i.name, 0.0) for i in recipe.inputs] if recipe.method != LORAHUB else [None] * len(adapters)
-    table = module_inputs(adapters, [1.0] * len(adapters))
+    table = module_table(adapters, [1.0] * len(adapters))
     shapes: dict[str, int] = {}
     for entries in table.values():
         key = "x".join(map(str, entries[0][1].shape))
@@ -113,8 +113,8 @@ def plan(recipe: Recipe, out: str | os.PathLike | None = None, *, device: str | 
         "base_model": recipe.base_model or next((a.base_model for a in adapters if a.base_model), None),
         "device": str(resolve_device(device or recipe.device)),
         "inputs": [{"name": i.name, "source": i.source, "revision": i.revision, "weight": wi,
-                    "base_model": a.base_model, "modules": len(a.modules),
-                    "ranks": sorted({x.rank for x in a.modules.values()}), "dtype": str(a.dtype).removeprefix("torch.")}
+                    "base_model": a.base_model, "modules": len(a.metas),
+                    "ranks": sorted({x.rank for x in a.metas.values()}), "dtype": str(a.dtype).removeprefix("torch.")}
                    for i, a, wi in zip(recipe.inputs, adapters, w)],
         "modules": len(table),
         "shapes": shapes,

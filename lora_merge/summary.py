@@ -64,7 +64,7 @@ def describe(adapter: Adapter) -> dict:
         "files": dict(adapter.files),
         "n_modules": len(modules),
         "ranks": ranks,
-        "parameters": sum(w.A.numel() + w.B.numel() for w in adapter.modules.values()),
+        "parameters": sum(w.A.numel() + w.B.numel() for w in adapter.metas.values()),
         "energy_profile": profile,      # mean share of squared singular values held by the top k, k = 1, 2, ...
         "mean_rank_90": sum(m["rank_90"] for m in modules) / max(len(modules), 1),
         "mean_rank_99": sum(m["rank_99"] for m in modules) / max(len(modules), 1),

@@ -85,7 +85,7 @@ def test_dry_run_prints_the_plan_as_a_table(tmp_path):
     r = _run("merge", str(ROOT / "recipes" / "ties.yaml"), "--dry-run", "-o", str(tmp_path / "x"))
     assert r.returncode == 0, r.stderr
     assert "dry run: nothing is computed or written" in r.stdout
-    assert "method: ties_svd (density=0.5, majority_sign_method=total, rank=16)" in r.stdout
+    assert "method: ties_svd (density=0.5, majority_sign_method=total, rank=16, svd=auto)" in r.stdout
     assert "modules: 60 (30 x 576x576, 30 x 192x576)" in r.stdout
     assert "subtraction" in r.stdout and not (tmp_path / "x").exists()
 

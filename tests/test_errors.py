@@ -466,11 +466,11 @@ def test_save_failure_midway_leaves_nothing(loaded, outdir, monkeypatch, existin
         (out / "keep.txt").write_text("precious")
     before = snapshot(out) if existing else None
 
-    def broken(tensors, filename, metadata=None):
+    def broken(filename, tensors, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lm_io, "save_file", broken)
+    monkeypatch.setattr(lm_io.stfile, "write", broken)
     with pytest.raises(OSError, match="No space left"):
         loaded["a"].save(out, force=existing)
     if existing:

@@ -28,7 +28,7 @@ from ._common import (
 
 
 def _summary(adapter, out: Path, pushed: str | None) -> dict:
-    ranks = sorted({w.rank for w in adapter.modules.values()})
+    ranks = sorted({w.rank for w in adapter.metas.values()})
     prov = adapter.provenance or {}
     return {"output": str(out), "name": adapter.name, "method": prov.get("method"),
             "parameters": prov.get("params"), "modules": len(adapter.modules), "ranks": ranks,

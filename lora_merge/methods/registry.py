@@ -30,6 +30,8 @@ HELP = {
     "density": "share of entries kept by pruning, in [0, 1]",
     "majority_sign_method": "how TIES elects each entry's sign: 'total' (sign of the sum) or 'frequency'",
     "seed": "seed of DARE's random masks",
+    "svd": "re-factoring of the dense deltas: 'exact' (thin SVD), 'randomized' (top rank only, much faster on "
+           "large matrices), or 'auto' (randomized where only the top rank of a large matrix is needed)",
 }
 
 
@@ -138,6 +140,8 @@ def register(name: str, *, family: str, summary: str, op: Callable | None = None
     if name != "cat":
         params["rank"] = Param("rank", int | None, None, False, HELP["rank"])
         params["energy"] = Param("energy", float | None, None, False, HELP["energy"])
+    if family == "dense":
+        params["svd"] = Param("svd", Literal["auto", "exact", "randomized"], "auto", False, HELP["svd"])
     method = MergeMethod(name, family, summary, op, split, default_rank, url, params)
     METHODS[name] = method
     return method
