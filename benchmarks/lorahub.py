@@ -70,27 +70,50 @@ def accuracy(model, tok, comp: Composition, weights, test: list[dict], batch: in
 
 
 def faithful_step(model_path: Path, adapter_paths: list[Path], few: list[Example], candidates: torch.Tensor, tok):
-    """The original LoraHub loop for one population: per candidate, sum the LoRA state dicts with its weights,
-    load them into the PEFT model, and compute the few-shot loss; one candidate at a time."""
+    """The original LoraHub loop (sail-sg/lorahub `get_score`) for one population: per candidate, sum the LoRA
+    state dicts with its weights, load them into the PEFT model with `set_peft_model_state_dict`, and compute
+    the few-shot loss on the whole few-shot set in one padded batch (the original's `batch_size=None`);
+    one candidate at a time. Tokenised once, before the clock starts, as the original does."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     peft = PeftModel.from_pretrained(base, str(adapter_paths[0])).eval()
     states = [load_file(str(p / "adapter_model.safetensors")) for p in adapter_paths]
-    texts = [(f"{e.prompt}\nAnswer:", " " + e.target) for e in few]
+    rows, labels = [], []
+    for e in few:
+        p = tok(f"{e.prompt}\nAnswer:")["input_ids"]
+        t = tok(" " + e.target, add_special_tokens=False)["input_ids"]
+        rows.append(p + t)
+        labels.append([-100] * len(p) + t)
+    T = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    lab = torch.tensor([x + [-100] * (T - len(x)) for x in labels])
     t0 = time.perf_counter()
     for w in candidates.tolist():
         merged = {k: sum(wi * s[k].float() for wi, s in zip(w, states)) for k in states[0]}
         set_peft_model_state_dict(peft, merged)
         with torch.no_grad():
-            for prompt, target in texts:            # the original scores its few-shot set with a dataloader
-                p = tok(prompt)["input_ids"]
-                t = tok(target, add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([p + t])
-                labels = torch.tensor([[-100] * len(p) + t])
-                peft(input_ids=ids, labels=labels)
+            peft(input_ids=ids, attention_mask=mask, labels=lab)
     return time.perf_counter() - t0
+
+
+def step_times(model, model_path, tok, adapters, paths, train, shots, K):
+    """One CMA-ES population (4 + 3 ln K candidates) scored both ways on seed 0's examples: (ours, original, P)."""
+    rng = random.Random(0)
+    few = [Example(r["input"], r["options"][r["answer"]]) for r in rng.sample(train, shots)]
+    pop = 4 + int(3 * torch.log(torch.tensor(float(K))))
+    cands = torch.empty(pop, K).uniform_(-1.5, 1.5, generator=torch.Generator().manual_seed(0))
+    comp = Composition(model, adapters, "factor")
+    scorer = FewShotLoss(model, tok, few, comp)
+    scorer(cands[:1])                          # warm-up
+    t0 = time.perf_counter()
+    scorer(cands)
+    ours = time.perf_counter() - t0
+    comp.detach()
+    return ours, faithful_step(model_path, paths, few, cands, tok), pop
 
 
 def main() -> None:
@@ -104,6 +127,8 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=100)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/lorahub_results.json"))
+    ap.add_argument("--step-only", action="store_true",
+                    help="re-measure only the step times of tasks already in --out (on an idle machine)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,6 +150,12 @@ def main() -> None:
     for task in tasks:
         data = rows(args.data / f"{task}.jsonl")
         test, train = data[:args.test_rows], data[100:]
+        if args.step_only:
+            ours, theirs, pop = step_times(model, model_path, tok, adapters, paths, train, args.shots, K)
+            results["tasks"][task].update(step_seconds_ours=ours, step_seconds_original_loop=theirs, population=pop)
+            print(f"{task:<36} step {ours:.2f}s vs {theirs:.2f}s", flush=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            continue
         comp = Composition(model, adapters, "factor")
         base = accuracy(model, tok, comp, [0.0] * K, test)
         uniform = accuracy(model, tok, comp, [1.0 / K] * K, test)
@@ -139,19 +170,7 @@ def main() -> None:
             comp.detach()
             seconds.append(res.settings["seconds"])
             steps.append(res.weights)
-        # one CMA-ES step (a population of 4 + 3 ln K candidates) both ways, on seed 0's examples
-        rng = random.Random(0)
-        few = [Example(r["input"], r["options"][r["answer"]]) for r in rng.sample(train, args.shots)]
-        pop = 4 + int(3 * torch.log(torch.tensor(float(K))))
-        cands = torch.empty(pop, K).uniform_(-1.5, 1.5, generator=torch.Generator().manual_seed(0))
-        comp = Composition(model, adapters, "factor")
-        scorer = FewShotLoss(model, tok, few, comp)
-        scorer(cands[:1])                          # warm-up
-        t0 = time.perf_counter()
-        scorer(cands)
-        ours = time.perf_counter() - t0
-        comp.detach()
-        theirs = faithful_step(model_path, paths, few, cands, tok)
+        ours, theirs, pop = step_times(model, model_path, tok, adapters, paths, train, args.shots, K)
         results["tasks"][task] = {
             "base": base, "uniform": uniform, "lorahub": found,
             "lorahub_mean": statistics.mean(found), "lorahub_sd": statistics.pstdev(found),
