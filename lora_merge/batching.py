@@ -38,8 +38,9 @@ class RefactorQueue:
         self.rank, self.energy, self.mode, self.budget, self.done = rank, energy, mode, budget, done
         self.groups: dict[tuple, list[tuple[str, torch.Tensor, bool]]] = {}
 
-    def put(self, path: str, delta: torch.Tensor, embedding: bool = False) -> None:
-        key = (tuple(delta.shape), delta.dtype, delta.device)
+    def put(self, path: str, delta: torch.Tensor, embedding: bool = False, oversample: int = 0) -> None:
+        """Queue one module's delta; `oversample`: its inputs' total rank (see `linalg.randomized_svd`)."""
+        key = (tuple(delta.shape), delta.dtype, delta.device, oversample)
         group = self.groups.setdefault(key, [])
         group.append((path, delta, embedding))
         if sum(d.numel() * d.element_size() for _, d, _ in group) >= self.budget:
@@ -56,7 +57,7 @@ class RefactorQueue:
         stack = torch.stack([d for _, d, _ in group])
         names = [(path, emb) for path, _, emb in group]
         del group                                   # the stack holds the only copy now
-        factors = refactor(stack, self.rank, self.energy, self.mode)
+        factors = refactor(stack, self.rank, self.energy, self.mode, oversample=key[3])
         del stack
         for (path, emb), (B, A) in zip(names, factors):
             self.done(path, LoraWeight(A=A.contiguous(), B=B.contiguous(), scale=1.0, embedding=emb))

@@ -85,7 +85,8 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
         if dev.type != "cpu":
             entries = [(c, x.to(dev), a) for c, x, a in entries]
         if spec.family == "dense":
-            queue.put(path, _dense(spec, path, entries, p, rng), entries[0][1].embedding)
+            queue.put(path, _dense(spec, path, entries, p, rng), entries[0][1].embedding,
+                      oversample=sum(x.rank for _, x, _ in entries))
         else:
             done(path, combine(spec, path, entries, p, rng, rank))
         del entries

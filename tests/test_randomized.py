@@ -91,7 +91,9 @@ def test_the_auto_rule():
     assert use_randomized((4096, 11008), 16, None, "auto")
     assert not use_randomized((4096, 11008), 16, 0.9, "auto")         # energy needs the whole spectrum
     assert not use_randomized((4096, 11008), 16, None, "exact")
-    assert not use_randomized((4096, 11008), 1000, None, "auto")      # sketch too wide to pay
+    assert not use_randomized((4096, 11008), 2000, None, "auto")      # sketch too wide to pay
+    assert use_randomized((2048, 2048), 16, None, "auto", oversample=160)
+    assert not use_randomized((2048, 2048), 16, None, "auto", oversample=600)   # many inputs: a wide sketch
     assert use_randomized((64, 64), 8, None, "randomized")
     with pytest.raises(MethodError, match="needs a rank"):
         use_randomized((64, 64), None, 0.9, "randomized")

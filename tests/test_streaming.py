@@ -117,7 +117,7 @@ def test_chunking_does_not_change_the_result(monkeypatch):
 
 def test_randomized_merge_against_exact(monkeypatch):
     """At these shapes "auto" takes the randomized path; its result is the exact path's within the stated
-    tolerance (TIES' deltas have no gap at the rank, so the tolerance is on the approximation error)."""
+    tolerance, though TIES' deltas have no gap at the rank (the sketch is as wide as the inputs' total rank)."""
     adapters = big_adapters()
     fast = lm.merge(adapters, [0.5, 0.3, 0.7], "ties_svd", density=0.3, rank=8)
     exact = lm.merge(adapters, [0.5, 0.3, 0.7], "ties_svd", density=0.3, rank=8, svd="exact")
@@ -128,8 +128,8 @@ def test_randomized_merge_against_exact(monkeypatch):
         err_fast = float((fast.delta(path).double() - target).norm())
         err_exact = float((exact.delta(path).double() - target).norm())
         assert err_exact <= err_fast * (1 + 1e-5)
-        assert err_fast <= 1.01 * err_exact
-        assert rel(fast.delta(path), exact.delta(path)) < 0.05
+        assert err_fast <= (1 + 1e-5) * err_exact
+        assert rel(fast.delta(path), exact.delta(path)) < 1e-4
 
 
 def test_svd_is_a_parameter_of_the_dense_methods_only():
