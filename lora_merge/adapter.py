@@ -318,11 +318,6 @@ def read_entries(path: str, entries: Entries) -> Entries:
     return [(c, a.modules[path], a) for c, _, a in entries]
 
 
-def module_inputs(adapters: list[Adapter], weights: list[float]) -> dict[str, list[tuple[float, LoraWeight, Adapter]]]:
-    """`module_table` with every module's values read: all modules in memory at once."""
-    return {path: read_entries(path, entries) for path, entries in module_table(adapters, weights).items()}
-
-
 def combination_modules(terms: list[tuple[float, Adapter]]) -> Mapping[str, LoraWeight]:
     """The exact weighted sum of the terms, per module, built when a module is asked for:
     `[B_1 ... B_k] @ [c_1 s_1 A_1; ...; c_k s_k A_k]`."""

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from . import __version__, stfile
 from .adapter import Adapter, LoraWeight
@@ -162,33 +161,30 @@ def _split_key(key: str) -> tuple[str, str, bool | None] | None:
 
 
 def _check_values(key: str, t: torch.Tensor, file: str) -> None:
-    """A LoRA tensor must be floating point and finite (values on the meta device were checked when read)."""
+    """A LoRA tensor must be floating point and finite."""
     module = _split_key(key)[0]
     if not torch.is_floating_point(t):
         raise AdapterLoadError(f"{file}: {key} has dtype {t.dtype}, expected floating point",
                                file=file, module=module, key=key)
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{file}: module {module} holds NaN or Inf values ({key})",
                              file=file, module=module, key=key)
 
 
 def _read_tensors(folder: Path, allow_pickle: bool, lazy: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
-    """The file's tensors; with `lazy`, LoRA tensors are checked one at a time and kept as meta tensors."""
+    """The file's tensors, read and checked one at a time; with `lazy`, LoRA tensors are kept as meta tensors."""
     st, pkl = folder / SAFETENSORS, folder / PICKLE
     if st.is_file():
         try:
-            if not lazy:
-                return load_file(str(st)), st
             tensors = {}
             with safe_open(str(st), framework="pt") as f:
                 for key in f.keys():
                     t = f.get_tensor(key)
-                    if _split_key(key) is not None:
+                    lora = _split_key(key) is not None
+                    if lora:
                         _check_values(key, t, str(st))
-                        t = to_meta(t)
-                    else:
-                        t = t.clone()    # get_tensor maps the file: a copy, so that the file may change later
-                    tensors[key] = t
+                    # get_tensor maps the file: keep a copy (or only the shape), so the file may change later
+                    tensors[key] = to_meta(t) if lazy and lora else t.clone()
             return tensors, st
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterLoadError(f"{st}: not a readable safetensors file ({e})", file=str(st)) from e
@@ -204,6 +200,9 @@ def _read_tensors(folder: Path, allow_pickle: bool, lazy: bool = False) -> tuple
             raise AdapterLoadError(f"{pkl}: refused by torch.load(weights_only=True): {e}", file=str(pkl)) from e
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise AdapterLoadError(f"{pkl}: expected a dict of tensors", file=str(pkl))
+        for key, t in data.items():
+            if _split_key(key) is not None:
+                _check_values(key, t, str(pkl))
         return data, pkl
     raise AdapterLoadError(f"{folder}: no {SAFETENSORS} (nor {PICKLE}) in this folder", file=str(folder / SAFETENSORS))
 
@@ -219,8 +218,7 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, file: str
         if split is None:
             extra[key] = t
             continue
-        module, slot, emb = split
-        _check_values(key, t, file)
+        module, slot, emb = split                        # values were checked as they were read
         entry = parts.setdefault(module, {})
         entry[slot] = t
         keys.setdefault(module, {})[slot] = key

@@ -76,7 +76,7 @@ def use_randomized(shape: tuple[int, int], rank: int | None, energy: float | Non
     if mode == "randomized":
         return True
     small = min(shape)
-    return small >= 512 and 4 * (rank + max(oversample, OVERSAMPLE)) <= small
+    return small >= 512 and 4 * (rank + oversample) <= small
 
 
 def refactor(deltas: torch.Tensor, rank: int | None, energy: float | None, mode: str = "auto",

@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from .adapter import (
     Adapter,
+    Entries,
     LoraWeight,
     _check_plain,
     _input_record,
@@ -30,8 +31,6 @@ from .batching import RefactorQueue, chunk_bytes
 from .errors import MethodError, UnsupportedAdapterError
 from .linalg import lowrank
 from .methods import MergeMethod, get_method
-
-Entries = list[tuple[float, LoraWeight, Adapter]]
 
 
 def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
@@ -174,7 +173,10 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
 def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng) -> torch.Tensor:
     """One module's merged dense delta (float32); its re-factoring is queued (see `merge`)."""
     _plain_only(spec, path, entries)
-    deltas = torch.stack([x.delta(torch.float32) for _, x, _ in entries])
+    first = entries[0][1]
+    deltas = torch.empty(len(entries), *first.shape, dtype=torch.float32, device=first.A.device)
+    for i, (_, x, _) in enumerate(entries):        # written in place: no second copy of the K deltas
+        torch.matmul(x.B.float(), x.A.float(), out=deltas[i]).mul_(x.scale)
     coefs = torch.tensor([c for c, _, _ in entries], dtype=torch.float32, device=deltas.device)
     return spec.op(deltas, coefs, **_op_kwargs(spec, p, rng))
 
