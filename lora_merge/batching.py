@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .adapter import LoraWeight
+from .errors import MethodError
 from .linalg import refactor
 
 CPU_CHUNK_BYTES = 512 * 2**20
@@ -22,8 +23,12 @@ CPU_CHUNK_BYTES = 512 * 2**20
 def chunk_bytes(device: torch.device) -> int:
     """Bytes of queued deltas per batched SVD: a quarter of the free GPU memory (the SVD needs room for its
     factors and workspace), or 512 MiB on the CPU; `LORA_MERGE_CHUNK_BYTES` overrides both."""
-    if os.environ.get("LORA_MERGE_CHUNK_BYTES"):
-        return int(os.environ["LORA_MERGE_CHUNK_BYTES"])
+    text = os.environ.get("LORA_MERGE_CHUNK_BYTES")
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise MethodError(f"LORA_MERGE_CHUNK_BYTES must be a positive number of bytes, got {text!r}",
+                              key="LORA_MERGE_CHUNK_BYTES")
+        return int(text)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(free // 4, 1)

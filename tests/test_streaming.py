@@ -115,6 +115,12 @@ def test_chunking_does_not_change_the_result(monkeypatch):
         assert torch.equal(one.modules[path].B, alone.modules[path].B)
 
 
+def test_a_bad_chunk_size_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_MERGE_CHUNK_BYTES", "lots")
+    with pytest.raises(lm.LoraMergeError, match="LORA_MERGE_CHUNK_BYTES must be a positive number of bytes"):
+        lm.merge(big_adapters(1, 2), None, "ties_svd", density=0.5)
+
+
 def test_randomized_merge_against_exact(monkeypatch):
     """At these shapes "auto" takes the randomized path; its result is the exact path's within the stated
     tolerance, though TIES' deltas have no gap at the rank (the sketch is as wide as the inputs' total rank)."""
