@@ -31,6 +31,7 @@ from .batching import RefactorQueue, chunk_bytes
 from .errors import MethodError, UnsupportedAdapterError
 from .linalg import lowrank
 from .methods import MergeMethod, get_method
+from .methods.stack import LowRankStack
 
 
 def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
@@ -171,14 +172,12 @@ def _factor(spec: MergeMethod, path: str, entries: Entries, p: dict, rng, rank: 
 
 
 def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng) -> torch.Tensor:
-    """One module's merged dense delta (float32); its re-factoring is queued (see `merge`)."""
+    """One module's merged dense delta (float32); its re-factoring is queued (see `merge`). The inputs' dense
+    deltas are never built whole: the method reads them a block of rows at a time (`methods.stack`)."""
     _plain_only(spec, path, entries)
-    first = entries[0][1]
-    deltas = torch.empty(len(entries), *first.shape, dtype=torch.float32, device=first.A.device)
-    for i, (_, x, _) in enumerate(entries):        # written in place: no second copy of the K deltas
-        torch.matmul(x.B.float(), x.A.float(), out=deltas[i]).mul_(x.scale)
-    coefs = torch.tensor([c for c, _, _ in entries], dtype=torch.float32, device=deltas.device)
-    return spec.op(deltas, coefs, **_op_kwargs(spec, p, rng))
+    stack = LowRankStack([x.B for _, x, _ in entries], [x.A for _, x, _ in entries], [x.scale for _, x, _ in entries])
+    coefs = torch.tensor([c for c, _, _ in entries], dtype=torch.float32, device=stack.device)
+    return spec.op(stack, coefs, **_op_kwargs(spec, p, rng))
 
 
 def _op_kwargs(spec: MergeMethod, p: dict, rng: torch.Generator | None) -> dict:

@@ -1,6 +1,8 @@
 """DARE (Yu et al., 2023): drop entries at random with probability 1 - density, rescale the rest by 1/density.
 
-Masks come from a `torch.Generator` seeded by the `seed` parameter, so a merge is reproducible.
+Masks come from a `torch.Generator` seeded by the `seed` parameter, so a merge is reproducible. They are drawn
+chunk by chunk of the task tensors (`stack.TaskStack`), in order, on the CPU where the generator lives, so a
+seed gives the same masks on every device.
 """
 
 from __future__ import annotations
@@ -9,35 +11,38 @@ from typing import Literal
 
 import torch
 
-from .prune import weighted_sum
 from .registry import register
+from .stack import TaskStack, as_stack
 from .ties import elect_and_merge
 
 URL = "https://arxiv.org/abs/2311.03099"
 
 
-def drop_and_rescale(stack: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
+def drop_and_rescale(x: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
     """Keep each entry with probability `density` and divide the kept ones by `density`."""
     if density >= 1.0:
-        return stack
+        return x
     if density <= 0.0:
-        return torch.zeros_like(stack)
-    # the mask is drawn on the CPU, where the generator lives, so a seed gives the same mask on every device
-    keep = torch.bernoulli(torch.full(stack.shape, density, dtype=stack.dtype), generator=rng)
-    return stack * keep.to(stack.device) / density
+        return torch.zeros_like(x)
+    keep = (torch.rand(x.shape, generator=rng) < density).to(x.dtype)   # Bernoulli(density), 2-3x faster
+    return x * keep.to(x.device) / density
 
 
-def dare_linear(stack: torch.Tensor, weights: torch.Tensor, *, density: float,
+def dare_linear(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density: float,
                 rng: torch.Generator | None = None) -> torch.Tensor:
     """DARE, then the weighted sum."""
-    return weighted_sum(drop_and_rescale(stack, density, rng), weights)
+    src = as_stack(stack)
+    w = weights.view(-1, 1).to(src.dtype)
+    return src.map_chunks(lambda _, x: (w * drop_and_rescale(x, density, rng)).sum(0))
 
 
-def dare_ties(stack: torch.Tensor, weights: torch.Tensor, *, density: float,
+def dare_ties(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density: float,
               majority_sign_method: Literal["total", "frequency"] = "total",
               rng: torch.Generator | None = None) -> torch.Tensor:
     """DARE, then TIES' sign election and disjoint merge."""
-    return elect_and_merge(drop_and_rescale(stack, density, rng), weights, majority_sign_method)
+    src = as_stack(stack)
+    w = weights.view(-1, 1).to(src.dtype)
+    return src.map_chunks(lambda _, x: elect_and_merge(drop_and_rescale(x, density, rng), w, majority_sign_method))
 
 
 register("dare_linear", family="factor", op=dare_linear, url=URL,
