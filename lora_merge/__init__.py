@@ -12,7 +12,7 @@
 
 __version__ = "0.1.0"
 
-from . import lorahub  # noqa: E402
+from . import fisher, lorahub  # noqa: E402
 from .adapter import Adapter, LoraWeight  # noqa: E402
 from .errors import (  # noqa: E402
                      AdapterLoadError,
@@ -39,7 +39,7 @@ from .runner import run as run_recipe  # noqa: E402
 
 __all__ = [
     "Adapter", "LoraWeight", "load", "save", "merge", "compose", "parse", "METHODS", "get_method", "push",
-    "load_recipe", "parse_recipe", "run_recipe", "plan_recipe", "RecipeError", "HubError", "lorahub",
+    "load_recipe", "parse_recipe", "run_recipe", "plan_recipe", "RecipeError", "HubError", "lorahub", "fisher",
     "LoraMergeError", "AdapterLoadError", "UnsafeFileError", "ShapeMismatchError", "BaseModelMismatchError",
     "NonFiniteError", "UnsupportedAdapterError", "MethodError", "ExpressionError", "OutputExistsError",
 ]

@@ -34,8 +34,13 @@ PROMPT = "{input}\nAnswer:"     # the prompt of a causal LM; the target follows 
 
 @dataclass
 class Example:
+    """One few-shot row. A multiple-choice row also keeps its `options` and the index of its `answer` (the
+    target is then `options[answer]`); equality compares the prompt and the target only."""
+
     prompt: str
     target: str
+    options: list[str] | None = field(default=None, compare=False)
+    answer: int | None = field(default=None, compare=False)
 
 
 def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
@@ -57,15 +62,17 @@ def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[Exa
         if not isinstance(row, dict) or not isinstance(row.get("input"), str):
             raise LoraMergeError(f"{path}, line {i}: expected an object with a string 'input'", file=str(path),
                                  key="input")
+        options = answer = None
         if isinstance(row.get("output"), str):
             target = row["output"]
         elif isinstance(row.get("options"), list) and isinstance(row.get("answer"), int) \
                 and 0 <= row["answer"] < len(row["options"]) and isinstance(row["options"][row["answer"]], str):
-            target = row["options"][row["answer"]]
+            options, answer = list(row["options"]), row["answer"]
+            target = options[answer]
         else:
             raise LoraMergeError(f"{path}, line {i}: expected 'output' (a string), or 'options' (strings) and "
                                  "'answer' (an index into them)", file=str(path), key="output")
-        out.append(Example(row["input"], target))
+        out.append(Example(row["input"], target, options, answer))
         if limit is not None and len(out) >= limit:
             break
     if not out:
