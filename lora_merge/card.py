@@ -60,7 +60,7 @@ def model_card(adapter, config: dict) -> str:
 
     params = {k: v for k, v in (prov.get("params") or {}).items() if v is not None}
     extra = {k: v for k, v in prov.items() if k not in ("inputs", "method", "params", "recipe", "metadata",
-                                                          "lora_merge_version", "lorahub")}
+                                                          "lora_merge_version", "lorahub", "statistics")}
     lines += ["## Method", "", f"`{method or 'none'}`" + (" with parameters:" if params else " (no parameters)."), ""]
     if params:
         lines += ["```json", json.dumps(params, indent=2, sort_keys=True, default=str), "```", ""]
@@ -68,6 +68,8 @@ def model_card(adapter, config: dict) -> str:
         lines += ["Then:", "", "```json", json.dumps(extra, indent=2, sort_keys=True, default=str), "```", ""]
     if prov.get("lorahub"):
         lines += _lorahub_section(prov["lorahub"])
+    if prov.get("statistics"):
+        lines += _statistics_section(prov["statistics"])
     ranks = sorted({w.rank for w in adapter.metas.values()})
     lines += [f"Modules: {len(adapter.modules)}; ranks: {ranks[0]}..{ranks[-1]}; "
               f"lora-merge version: {prov.get('lora_merge_version') or __version__}.", ""]
@@ -99,6 +101,19 @@ def _lorahub_section(rec: dict) -> list[str]:
              "| evaluation | loss | objective |", "|---|---|---|"]
     lines += [f"| {h['evaluation']} | {h['loss']:.4f} | {h['objective']:.4f} |" for h in rec.get("history", [])]
     return lines + ["", "Every evaluated weighting is in `lorahub.json`.", ""]
+
+
+STAT_FIELDS = ("kind", "space", "n_examples", "data_sha256", "base_model", "prompt_template")
+
+
+def _statistics_section(stats: dict) -> list[str]:
+    """Where each input's Fisher (or Gram matrices) came from: how it was estimated, on which data."""
+    lines = ["## Statistics", "", "Each input's statistics (`lora-merge fisher`), as recorded in their files:",
+             "", "| input | " + " | ".join(STAT_FIELDS) + " |", "|---|" + "---|" * len(STAT_FIELDS)]
+    for name, meta in stats.items():
+        cells = [str(meta.get(k, "")).replace("|", "\\|").replace("\n", "\\n") for k in STAT_FIELDS]
+        lines.append(f"| {name} | " + " | ".join(f"`{c}`" if c else "" for c in cells) + " |")
+    return lines + [""]
 
 
 def _source(rec: dict) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,13 +38,19 @@ from .methods.stack import LowRankStack
 def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
           weights: Sequence[float] | Mapping[str, float] | None = None, method: str = "sum", *,
           name: str | None = None, allow_base_mismatch: bool = False, device: str | torch.device = "cpu",
-          progress: Callable[[str], None] | None = None, **params: Any) -> Adapter:
+          progress: Callable[[str], None] | None = None, fishers: Any = None, grams: Any = None,
+          **params: Any) -> Adapter:
     """Combine adapters into one with a registered method (see `lora_merge.METHODS`).
 
     `weights` defaults to 1.0 per adapter. `params` are the method's own (`density`, `majority_sign_method`,
     `seed`) and the output `rank` / `energy`. A module that an adapter lacks contributes zero to it.
     `device` ("cpu", "cuda", "auto") is where each module is computed; results come back to the CPU.
     `progress(module)` is called after each module.
+
+    `fishers` / `grams`: each input's statistics for the methods weighted by data (`fisher`, `regmean`): one per
+    adapter (a `lora_merge.fisher.Fisher`, or the path of its file), as a list in the adapters' order or a
+    mapping by adapter name. Left out, each adapter's `fisher.safetensors` / `gram.safetensors` beside its
+    `adapter_model.safetensors` is used; an adapter without one is a clear error.
 
     Memory: the inputs are read one module at a time (adapters loaded by `lora_merge.load` keep no values in
     memory), so the peak is one module's inputs plus the result. The dense methods build one module's delta at
@@ -71,6 +78,7 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
         rank = max(x.rank for entries in table.values() for _, x, _ in entries)
     rng = torch.Generator().manual_seed(p["seed"]) if spec.uses_rng else None
     combine = {"exact": _exact, "factor": _factor}.get(spec.family)
+    stats = statistics(spec, adapters, fishers if spec.needs == "fisher" else grams) if spec.needs else None
     dev = resolve_device(device)
     modules = {}
 
@@ -87,6 +95,12 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
         if spec.family == "dense":
             queue.put(path, _dense(spec, path, entries, p, rng), entries[0][1].embedding,
                       oversample=sum(x.rank for _, x, _ in entries))
+        elif spec.family == "data":
+            out = _data(spec, path, entries, p, stats)
+            if isinstance(out, torch.Tensor):
+                queue.put(path, out, oversample=sum(x.rank for _, x, _ in entries))
+            else:
+                done(path, _truncate(out, rank, p.get("energy")))
         else:
             done(path, combine(spec, path, entries, p, rng, rank))
         del entries
@@ -96,6 +110,8 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     resolved = dict(p, rank=rank) if "rank" in p else dict(p)
     provenance = {"method": spec.name, "params": resolved, "inputs": [_input_record(a, x) for a, x in zip(adapters, w)],
                   "lora_merge_version": __version__}
+    if stats is not None:
+        provenance["statistics"] = {a.name: _stat_meta(stats[id(a)]) for a in adapters}
     return Adapter(modules, combined_config(adapters), name=name or f"{spec.name}-merge",
                    provenance=provenance, extra=extra, storage_dtype=common_dtype(adapters))
 
@@ -178,6 +194,73 @@ def _dense(spec: MergeMethod, path: str, entries: Entries, p: dict, rng) -> torc
     stack = LowRankStack([x.B for _, x, _ in entries], [x.A for _, x, _ in entries], [x.scale for _, x, _ in entries])
     coefs = torch.tensor([c for c, _, _ in entries], dtype=torch.float32, device=stack.device)
     return spec.op(stack, coefs, **_op_kwargs(spec, p, rng))
+
+
+def _data(spec: MergeMethod, path: str, entries: Entries, p: dict, stats: dict) -> LoraWeight | torch.Tensor:
+    """One module of a method weighted by data: its inputs and their statistics."""
+    _plain_only(spec, path, entries)
+    mine = [stats[id(a)] for _, _, a in entries]
+    if spec.needs == "fisher" and mine[0].space == "factor":
+        check_equal_ranks(spec.name, path, entries)
+    if spec.needs == "gram":
+        mine = [x.gram for x in mine]
+    return spec.op(path, entries, mine, **_op_kwargs(spec, p, None))
+
+
+def _truncate(w: LoraWeight, rank: int | None, energy: float | None) -> LoraWeight:
+    """`w` re-factored to `rank` / `energy` by the factored SVD; as it is if it is already within the rank."""
+    if energy is None and (rank is None or rank >= w.rank):
+        return w
+    B, A = lowrank(w.B, w.A, rank, energy)
+    return LoraWeight(A=A, B=B, scale=1.0)
+
+
+def statistics(spec: MergeMethod, adapters: list[Adapter], given: Any) -> dict[int, Any]:
+    """Each adapter's statistics (by `id`) for a method weighted by data: given (a list in the adapters' order, a
+    mapping by name; each a Fisher or a file path), or the file beside the adapter."""
+    from .fisher import Fisher, load_gram
+    filename = {"fisher": "fisher.safetensors", "gram": "fisher.gram.safetensors"}[spec.needs]
+    if given is not None and not isinstance(given, Mapping):
+        given = list(given)
+        if len(given) != len(adapters):
+            raise MethodError(f"{spec.name}: {len(given)} {spec.needs} statistics for {len(adapters)} adapters; pass "
+                              "one per adapter, in order, or a mapping by adapter name", key=f"{spec.needs}s")
+        given = {a.name: g for a, g in zip(adapters, given)}
+    unknown = sorted(set(given or {}) - {a.name for a in adapters})
+    if unknown:
+        raise MethodError(f"{spec.name}: {spec.needs} statistics given for '{unknown[0]}', which is not one of the "
+                          f"adapters ({', '.join(a.name for a in adapters)})", key=f"{spec.needs}s")
+    out = {}
+    for a in adapters:
+        item = (given or {}).get(a.name)
+        if item is None:
+            beside = Path(a.source) / filename if a.source and Path(a.source).is_dir() else None
+            if beside is None or not beside.is_file():
+                where = f"beside its adapter_model.safetensors ({a.source})" if a.source else "for it"
+                raise MethodError(
+                    f"{spec.name}: no {'Fisher' if spec.needs == 'fisher' else 'Gram matrices'} for adapter "
+                    f"'{a.name}': pass {spec.needs}s=..., or put {filename} {where}; estimate it with "
+                    f"`lora-merge fisher {a.source or a.name} --base-model MODEL --data FILE.jsonl"
+                    f"{' --gram' if spec.needs == 'gram' else ''}`", file=a.source, key=f"{spec.needs}s")
+            item = beside
+        if isinstance(item, (str, os.PathLike)):
+            item = Fisher.load(item) if spec.needs == "fisher" else Fisher("delta", {}, load_gram(item),
+                                                                            {"gram_file": str(item)})
+        if spec.needs == "gram" and getattr(item, "gram", None) is None:
+            raise MethodError(f"{spec.name}: the statistics given for adapter '{a.name}' hold no Gram matrices "
+                              "(estimate them with gram=True / --gram)", file=a.source, key="grams")
+        out[id(a)] = item
+    if spec.needs == "fisher":
+        spaces = {out[id(a)].space for a in adapters}
+        if len(spaces) > 1:
+            listing = ", ".join(f"{a.name}: {out[id(a)].space}" for a in adapters)
+            raise MethodError(f"{spec.name}: the Fishers are of different spaces ({listing}); estimate all in one "
+                              "space (--space factor or delta)", key="fishers")
+    return out
+
+
+def _stat_meta(stat: Any) -> dict:
+    return dict(getattr(stat, "meta", {}) or {})
 
 
 def _op_kwargs(spec: MergeMethod, p: dict, rng: torch.Generator | None) -> dict:

@@ -45,8 +45,16 @@ from .errors import ExpressionError, LoraMergeError, MethodError, RecipeError
 from .methods import METHODS
 
 TOP_KEYS = ("name", "method", "parameters", "inputs", "expression", "base_model", "rank", "energy", "dtype",
-            "seed", "device", "allow_base_mismatch", "output")
-INPUT_KEYS = ("adapter", "name", "weight", "revision")
+            "seed", "device", "allow_base_mismatch", "output", "estimate")
+INPUT_KEYS = ("adapter", "name", "weight", "revision", "fisher", "gram", "data")
+# How `method: fisher` / `regmean` estimate an input's statistics from its `data` (see lora_merge.fisher).
+ESTIMATE_PARAMS: dict[str, tuple[Any, Any]] = {
+    "kind": (("expected", "sampled", "empirical"), "expected"),
+    "space": (("factor", "delta"), "factor"),
+    "n_examples": ("int", 256),
+    "batch_size": ("int", 8),
+    "seed": ("int", 0),
+}
 OUTPUT_KEYS = ("path", "metadata")
 METADATA_KEYS = ("license", "tags", "description", "language", "datasets")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -73,6 +81,9 @@ class RecipeInput:
     revision: str | None = None
     weight: float | None = None
     line: int | None = None
+    fisher: str | None = None    # method fisher: the input's Fisher file
+    gram: str | None = None      # method regmean: the input's Gram file
+    data: str | None = None      # either: the JSONL to estimate it from (with the recipe's base_model)
 
 
 @dataclass
@@ -91,6 +102,7 @@ class Recipe:
     allow_base_mismatch: bool = False
     output: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    estimate: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     text: str = ""
 
@@ -200,6 +212,7 @@ class _Checker:
 
     def __init__(self, lines: dict[tuple, int], problems: list, root: Path):
         self.lines, self.problems, self.root = lines, list(problems), root
+        self.input_index: dict[int, int] = {}      # id(RecipeInput) -> its index in the recipe's inputs
 
     def bad(self, key: tuple, message: str) -> None:
         """A problem at `key`; a missing key is reported by its name, at the line of its nearest parent."""
@@ -264,7 +277,39 @@ class _Checker:
             self.bad(("method",), "lorahub scores candidates with the base model; give base_model")
         if method == LORAHUB and recipe.expression:
             self.bad(("expression",), "lorahub searches the weights; remove the expression")
+        recipe.estimate = self.statistics(data, recipe, spec)
         return recipe
+
+    def statistics(self, data: dict, recipe: Recipe, spec) -> dict:
+        """Each input's `fisher` / `gram` file or `data` (methods weighted by data), and the `estimate` settings."""
+        needs = getattr(spec, "needs", None)
+        own = {"fisher": "fisher", "gram": "gram"}.get(needs or "")
+        for i, inp in enumerate(recipe.inputs):
+            key = ("inputs", self.input_index.get(id(inp), i))
+            for field_ in ("fisher", "gram", "data"):
+                if getattr(inp, field_) is not None and (needs is None or field_ not in (own, "data")):
+                    uses = "method fisher uses `fisher`" if field_ == "fisher" else (
+                        "method regmean uses `gram`" if field_ == "gram" else "methods fisher and regmean use `data`")
+                    self.bad(key + (field_,), f"method '{recipe.method}' takes no statistics ({uses})")
+            if needs and inp.data is not None and not recipe.base_model:
+                self.bad(key + ("data",), "estimating from data needs the base model; give base_model")
+        given = data.get("estimate")
+        if given is None:
+            return {k: default for k, (_, default) in ESTIMATE_PARAMS.items()}
+        given = self.mapping(given, ("estimate",), ESTIMATE_PARAMS)
+        if not needs:
+            self.bad(("estimate",), f"method '{recipe.method}' estimates nothing (fisher and regmean do)")
+        out = {}
+        for k, (kind, default) in ESTIMATE_PARAMS.items():
+            if isinstance(kind, tuple):
+                out[k] = self.typed(given, ("estimate", k), "str", lambda v, c=kind: v in c,
+                                    f"must be one of {list(kind)}")
+            else:
+                least = 0 if k == "seed" else 1
+                out[k] = self.typed(given, ("estimate", k), "int", lambda v, least=least: v >= least,
+                                    f"must be >= {least}")
+            out[k] = default if out[k] is None else out[k]
+        return out
 
     def method(self, data: dict) -> str | None:
         if "method" not in data:
@@ -362,6 +407,7 @@ class _Checker:
                               "must be a name usable in an expression (letters, digits, _)")
             weight = self.typed(item, key + ("weight",), "float")
             revision = self.typed(item, key + ("revision",), "str")
+            files = {k: self.file(item, key + (k,)) for k in ("fisher", "gram", "data")}
             if weight is not None and method == LORAHUB:
                 self.bad(key + ("weight",), "lorahub searches the weights; remove it")
             if adapter is None:
@@ -369,10 +415,13 @@ class _Checker:
             if name is not None and is_glob(adapter):
                 self.bad(key + ("name",), "a glob adds several inputs, each named after its folder; remove `name`")
                 name = None
+            if any(files.values()) and is_glob(adapter):
+                self.bad(key, "a glob adds several inputs; give each its own statistics, not one for all")
             for source, rev in self.sources(adapter, revision, key + ("adapter",)):
                 default = _input_name(source if not _is_hub(source) else adapter)
                 out.append(RecipeInput(name=name or default, adapter=adapter, source=source,
-                                       revision=rev, weight=weight, line=self.lines.get(key)))
+                                       revision=rev, weight=weight, line=self.lines.get(key), **files))
+                self.input_index[id(out[-1])] = i
         seen: dict[str, int] = {}
         for i, inp in enumerate(out):
             if inp.name in seen:
@@ -380,6 +429,16 @@ class _Checker:
                                       f"{inp.line}); give them distinct `name`s")
             seen.setdefault(inp.name, i)
         return out
+
+    def file(self, item: dict, key: tuple) -> str | None:
+        """An existing file named by `item[key[-1]]`, relative to the recipe's folder."""
+        given = self.typed(item, key, "str")
+        if given is None:
+            return None
+        local = Path(os.path.normpath(self.root / Path(given).expanduser()))
+        if not local.is_file():
+            self.bad(key, f"{local}: no such file")
+        return str(local)
 
     def sources(self, adapter: str, revision: str | None, key: tuple) -> list[tuple[str, str | None]]:
         """The folders (or the Hub id) an `adapter` entry stands for."""

@@ -139,9 +139,10 @@ def run(recipe: Recipe, out: str | os.PathLike | None = None, *, force: bool = F
     if recipe.method == LORAHUB:
         return _search(recipe, adapters, target, force, dev, steps)
     weights = recipe.weights
+    stats = statistics(recipe, adapters, dev, steps)
     n_modules = len(set().union(*(a.modules for a in adapters)))
     steps.start("merge", n_modules)
-    merged = merge(adapters, [weights.get(i.name, 0.0) for i in recipe.inputs], recipe.method,
+    merged = merge(adapters, [weights.get(i.name, 0.0) for i in recipe.inputs], recipe.method, **stats,
                    name=recipe.name or (recipe.path.stem if recipe.path else None),
                    allow_base_mismatch=recipe.allow_base_mismatch, device=dev,
                    progress=lambda m: steps.advance("merge", m), **recipe.merge_params)
@@ -149,6 +150,28 @@ def run(recipe: Recipe, out: str | os.PathLike | None = None, *, force: bool = F
     merged.provenance["metadata"] = dict(recipe.metadata)
     merged.save(target, force=force, dtype=recipe.dtype)
     return merged, target
+
+
+def statistics(recipe: Recipe, adapters: list[Adapter], device, steps: Steps) -> dict:
+    """`fishers=` / `grams=` for `merge`, for a method weighted by data: each input's file as the recipe names
+    it, or estimated from its `data` (the base model loaded once for all), or left to `merge` (the file beside
+    the adapter)."""
+    spec = get_method(recipe.method)
+    if not spec.needs:
+        return {}
+    given = {i.name: getattr(i, spec.needs) for i in recipe.inputs if getattr(i, spec.needs)}
+    todo = [(i, a) for i, a in zip(recipe.inputs, adapters) if i.name not in given and i.data]
+    if todo:
+        from .fisher import estimate_many
+        e = recipe.estimate
+        steps.start("estimate", sum(1 for _ in todo))
+        found = estimate_many(recipe.base_model, [a for _, a in todo], [i.data for i, _ in todo],
+                              n_examples=e["n_examples"], kind=e["kind"], space=e["space"],
+                              batch_size=e["batch_size"], seed=e["seed"], device=device, gram=spec.needs == "gram")
+        for (i, _), F in zip(todo, found):
+            given[i.name] = F
+            steps.advance("estimate", i.name)
+    return {spec.needs + "s": given} if given else {}
 
 
 def _search(recipe: Recipe, adapters: list[Adapter], target: Path, force: bool, device, steps: Steps

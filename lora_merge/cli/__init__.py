@@ -13,6 +13,7 @@ import typer
 
 from .. import __version__
 from ._common import state
+from .fisher import fisher
 from .hub import push
 from .inspect import inspect_adapter
 from .lorahub import hub
@@ -31,6 +32,7 @@ app.command("compose", no_args_is_help=True)(compose)
 app.command("inspect", no_args_is_help=True)(inspect_adapter)
 app.command("push", no_args_is_help=True)(push)
 app.command("hub", no_args_is_help=True)(hub)
+app.command("fisher", no_args_is_help=True)(fisher)
 app.command("methods")(methods)
 
 

@@ -134,6 +134,12 @@ def compose(
                                                     help="Any parameter of the method; repeat it.")] = None,
     dtype: Annotated[str | None, typer.Option(metavar="DTYPE", help="Storage dtype: float32, float16 or "
                                               "bfloat16 (default: the inputs').")] = None,
+    fisher: Annotated[list[str] | None, typer.Option("--fisher", metavar="NAME=FILE", help="--method fisher: an "
+                                                     "adapter's Fisher file (default: fisher.safetensors beside "
+                                                     "it); repeat it.", show_default=False)] = None,
+    gram: Annotated[list[str] | None, typer.Option("--gram", metavar="NAME=FILE", help="--method regmean: an "
+                                                   "adapter's Gram file (default: fisher.gram.safetensors beside "
+                                                   "it); repeat it.", show_default=False)] = None,
     allow_pickle: AllowPickle = False,
     device: Device = None,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help="Merge adapters trained on "
@@ -153,6 +159,8 @@ def compose(
           -a intent=examples/adapters/intent --rank 8 -o out/combo
       lora-merge compose "0.5*math + 0.5*code" -a math=org/math-lora@v1 -a code=org/code-lora \\
           --method ties --density 0.5 -o out/ties
+      lora-merge compose "0.5*math + 0.5*code" -a math=adapters/math -a code=adapters/code \\
+          --method fisher -o out/fisher      # each adapter's fisher.safetensors (lora-merge fisher)
     """
     import yaml
 
@@ -179,6 +187,12 @@ def compose(
         params[key] = yaml.safe_load(value)
     if density is not None:
         params["density"] = density
+    for option, given in (("fisher", fisher), ("gram", gram)):
+        if given:
+            if spec.needs != option:
+                raise MethodError(f"--{option} is for --method {'fisher' if option == 'fisher' else 'regmean'}, "
+                                  f"not '{method}'", key=option)
+            params[option + "s"] = _named_files(option, given)
     pool = {}
     hub_progress(quiet)
     for spec in adapter:
@@ -200,6 +214,19 @@ def compose(
         result = compose_expr(expression, pool, method=method, rank=rank, energy=energy, params=params or None)
         result.save(out, force=force, dtype=dtype)
     _report(_summary(result, out, _push(out, push_to_hub, private, quiet)), as_json)
+
+
+def _named_files(option: str, items: list[str]) -> dict[str, Path]:
+    from ..errors import LoraMergeError
+    out = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise LoraMergeError(f"--{option} expects NAME=FILE, got {item!r}", key=option)
+        if not Path(file).is_file():
+            raise LoraMergeError(f"--{option} {name}: {file}: no such file", file=file, key=option)
+        out[name] = Path(file)
+    return out
 
 
 @command

@@ -7,6 +7,9 @@ A method belongs to one of three families, which say where it works:
             stacked B matrices (so the result has cross terms B_i A_j by design).
 - `dense`:  the operation runs on the stacked dense deltas `s_i B_i A_i` of one module, and the result is
             re-factored by SVD.
+- `data`:   weighted by statistics of each input's data (`needs`: "fisher" or "gram", see `lora_merge.fisher`);
+            the operation takes one module's inputs and their statistics and returns factors, or a dense delta
+            that is re-factored by SVD.
 
 The tensor operations (`op`) take a stack `(K, ...)` and weights `(K,)`; their keyword-only parameters are
 the method's parameters, read from the signature, so the CLI, recipes and docs list them from one place.
@@ -23,13 +26,17 @@ from typing import Any, Literal
 
 from ..errors import MethodError
 
-FAMILIES = ("exact", "factor", "dense")
+FAMILIES = ("exact", "factor", "dense", "data")
 HELP = {
     "rank": "output rank (re-factor by SVD); default: the method's own",
     "energy": "keep the smallest rank holding this share of the squared singular values, per module",
     "density": "share of entries kept by pruning, in [0, 1]",
     "majority_sign_method": "how TIES elects each entry's sign: 'total' (sign of the sum) or 'frequency'",
     "seed": "seed of DARE's random masks",
+    "normalize": "fisher: divide each input's Fisher by its global L2 norm, as the original does",
+    "floor": "fisher: Fisher values below this are raised to it (no zero weights)",
+    "favor_target": "fisher: floor only the first ('target') input's Fisher, as the original's default",
+    "alpha": "regmean: the share of the Gram matrices' off-diagonal entries kept (1: plain RegMean)",
     "svd": "re-factoring of the dense deltas: 'exact' (thin SVD), 'randomized' (top rank only, much faster on "
            "large matrices), or 'auto' (randomized where only the top rank of a large matrix is needed)",
 }
@@ -58,6 +65,7 @@ class MergeMethod:
     default_rank: str | None = None  # "max": the largest input rank, as PEFT's svd types
     url: str | None = None
     params: dict[str, Param] = field(default_factory=dict)
+    needs: str | None = None         # data family: the statistic each input brings ("fisher" or "gram")
 
     @property
     def uses_rng(self) -> bool:
@@ -95,7 +103,9 @@ def _check(method: str, p: Param, value: Any) -> Any:
     base = [t for t in typing.get_args(p.type) if t is not type(None)] or [p.type]
     kind = base[0]
     try:
-        if kind is int:
+        if kind is bool:
+            value = _boolean(value)
+        elif kind is int:
             if isinstance(value, bool) or float(value) != int(value):
                 raise ValueError
             value = int(value)
@@ -118,14 +128,23 @@ def _check(method: str, p: Param, value: Any) -> Any:
     return value
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError
+
+
 METHODS: dict[str, MergeMethod] = {}
 
 
 def register(name: str, *, family: str, summary: str, op: Callable | None = None, split: str = "peft",
-             default_rank: str | None = None, url: str | None = None) -> MergeMethod:
+             default_rank: str | None = None, url: str | None = None, needs: str | None = None) -> MergeMethod:
     """Declare a method. Its parameters: those of `op` (keyword-only), `seed` if `op` takes `rng`, and the
     output `rank` / `energy` that every method but `cat` accepts."""
     assert family in FAMILIES, family
+    assert (family == "data") == (needs in ("fisher", "gram")), (family, needs)
     params: dict[str, Param] = {}
     if op is not None:
         hints = typing.get_type_hints(op)
@@ -140,9 +159,9 @@ def register(name: str, *, family: str, summary: str, op: Callable | None = None
     if name != "cat":
         params["rank"] = Param("rank", int | None, None, False, HELP["rank"])
         params["energy"] = Param("energy", float | None, None, False, HELP["energy"])
-    if family == "dense":
+    if family == "dense" or needs == "fisher":       # a Fisher in delta space gives a dense delta
         params["svd"] = Param("svd", Literal["auto", "exact", "randomized"], "auto", False, HELP["svd"])
-    method = MergeMethod(name, family, summary, op, split, default_rank, url, params)
+    method = MergeMethod(name, family, summary, op, split, default_rank, url, params, needs)
     METHODS[name] = method
     return method
 
