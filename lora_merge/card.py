@@ -103,7 +103,7 @@ def _lorahub_section(rec: dict) -> list[str]:
     return lines + ["", "Every evaluated weighting is in `lorahub.json`.", ""]
 
 
-STAT_FIELDS = ("kind", "space", "n_examples", "data_sha256", "base_model", "prompt_template")
+STAT_FIELDS = ("kind", "space", "n_examples", "data_sha256", "base_model", "prompt_template", "file")
 
 
 def _statistics_section(stats: dict) -> list[str]:
@@ -111,7 +111,8 @@ def _statistics_section(stats: dict) -> list[str]:
     lines = ["## Statistics", "", "Each input's statistics (`lora-merge fisher`), as recorded in their files:",
              "", "| input | " + " | ".join(STAT_FIELDS) + " |", "|---|" + "---|" * len(STAT_FIELDS)]
     for name, meta in stats.items():
-        cells = [str(meta.get(k, "")).replace("|", "\\|").replace("\n", "\\n") for k in STAT_FIELDS]
+        shown = {k: display_path(v) if k in ("base_model", "file") and v else v for k, v in meta.items()}
+        cells = [str(shown.get(k, "")).replace("|", "\\|").replace("\n", "\\n") for k in STAT_FIELDS]
         lines.append(f"| {name} | " + " | ".join(f"`{c}`" if c else "" for c in cells) + " |")
     return lines + [""]
 
@@ -149,6 +150,13 @@ def recipe_of(adapter) -> str | None:
     own = {k: v for k, v in params.items() if k not in ("rank", "energy", "seed") and v is not None}
     if own:
         recipe["parameters"] = own
+    stats = prov.get("statistics")
+    needs = None
+    if stats is not None:
+        from .methods import METHODS
+        needs = getattr(METHODS.get(method), "needs", None)
+        if needs is None or any(not (stats.get(rec.get("name")) or {}).get("file") for rec in inputs):
+            return None                    # statistics given in memory: no recipe can name them
     recipe["inputs"] = []
     for rec in inputs:
         pin = rec.get("commit") or rec.get("revision")     # the commit, so the recipe remakes this exact merge
@@ -157,6 +165,8 @@ def recipe_of(adapter) -> str | None:
         if rec.get("name", "").isidentifier():
             item["name"] = rec["name"]
         item["weight"] = rec["weight"]
+        if needs is not None:
+            item[needs] = stats[rec["name"]]["file"]
         recipe["inputs"].append(item)
     for key in ("rank", "energy", "seed"):
         if params.get(key) is not None:

@@ -48,9 +48,10 @@ def merge(adapters: Sequence[Adapter] | Mapping[str, Adapter],
     `progress(module)` is called after each module.
 
     `fishers` / `grams`: each input's statistics for the methods weighted by data (`fisher`, `regmean`): one per
-    adapter (a `lora_merge.fisher.Fisher`, or the path of its file), as a list in the adapters' order or a
-    mapping by adapter name. Left out, each adapter's `fisher.safetensors` / `gram.safetensors` beside its
-    `adapter_model.safetensors` is used; an adapter without one is a clear error.
+    adapter (a `lora_merge.fisher.Fisher`, or the path of its file; for `grams` also `load_gram`'s mapping), as a
+    list in the adapters' order or a mapping by adapter name. Left out, each adapter's `fisher.safetensors` /
+    `fisher.gram.safetensors` beside its `adapter_model.safetensors` is used; an adapter without one is a clear
+    error.
 
     Memory: the inputs are read one module at a time (adapters loaded by `lora_merge.load` keep no values in
     memory), so the peak is one module's inputs plus the result. The dense methods build one module's delta at
@@ -244,8 +245,11 @@ def statistics(spec: MergeMethod, adapters: list[Adapter], given: Any) -> dict[i
                     f"{' --gram' if spec.needs == 'gram' else ''}`", file=a.source, key=f"{spec.needs}s")
             item = beside
         if isinstance(item, (str, os.PathLike)):
-            item = Fisher.load(item) if spec.needs == "fisher" else Fisher("delta", {}, load_gram(item),
-                                                                            {"gram_file": str(item)})
+            file = item
+            item = Fisher.load(file) if spec.needs == "fisher" else Fisher("delta", {}, load_gram(file), {})
+            item.meta = {**item.meta, "file": str(file)}       # the card's recipe names the file it used
+        elif spec.needs == "gram" and isinstance(item, Mapping):      # `load_gram`'s: module path -> Gram
+            item = Fisher("delta", {}, dict(item), {})
         if spec.needs == "gram" and getattr(item, "gram", None) is None:
             raise MethodError(f"{spec.name}: the statistics given for adapter '{a.name}' hold no Gram matrices "
                               "(estimate them with gram=True / --gram)", file=a.source, key="grams")

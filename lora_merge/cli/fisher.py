@@ -74,7 +74,7 @@ def fisher(
     F.save(out, force=force, gram_path=gram_out if gram else None)
     seconds = time.perf_counter() - start
     summary = {"output": str(out), "gram": str(gram_out) if gram else None, "space": F.space,
-               "kind": F.meta.get("kind"), "examples": F.meta.get("n_examples"), "modules": len(F.tensors),
+               "kind": F.meta.get("kind"), "examples": int(F.meta["n_examples"]), "modules": len(F.tensors),
                "seconds": seconds}
     if as_json:
         emit_json(summary)

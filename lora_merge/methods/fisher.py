@@ -58,8 +58,8 @@ def fisher(path: str, entries: list, stats: list, *, normalize: bool = True, flo
                               "needs positive weights (subtract a skill with task arithmetic, method 'sum')",
                               key="weights")
         if path not in F.tensors:
-            raise MethodError(f"fisher: the Fisher of adapter '{a.name}' has no module {path} "
-                              f"({F.meta.get('source') or 'in memory'}); was it estimated for this adapter?",
+            raise MethodError(f"fisher: the Fisher of adapter '{a.name}' has no module {path} (it was estimated for "
+                              f"{F.meta.get('adapter') or 'another adapter'}); was it estimated for this one?",
                               module=path, file=a.source)
         weights.append(c / F.norm if normalize else c)
     if stats[0].space == "delta":
