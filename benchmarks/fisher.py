@@ -118,7 +118,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().to(dev)
     scores = json.loads((args.adapters / "scores.json").read_text())
-    adapters = {t: lm.load(args.adapters / t) for t in sorted(scores)}
+    needed = sorted({t for g in args.groups for t in (scores if g == "all" else GROUPS[g])})
+    adapters = {t: lm.load(args.adapters / t) for t in needed}
     stats, seconds = statistics(model, tok, adapters, args.data, args.n, args.cache, args.batch_size)
 
     results = {"device": str(dev), "torch": torch.__version__, "n": args.n, "min_gain": MIN_GAIN,
