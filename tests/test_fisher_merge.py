@@ -76,7 +76,8 @@ def test_delta_space_merge_matches_float64(trio, normalize):
     for path in ads[0].metas:
         have = [i for i, a in enumerate(ads) if path in a.metas]
         d = [F[i].tensors[path]["delta"].double().clamp(min=1e-6) for i in have]
-        ref = sum(lam[i] * di * delta(ads[i], path) for i, di in zip(have, d)) / sum(lam[i] * di for i, di in zip(have, d))
+        num = sum(lam[i] * di * delta(ads[i], path) for i, di in zip(have, d))
+        ref = num / sum(lam[i] * di for i, di in zip(have, d))
         assert rel(out.delta(path), ref) < 1e-5, path
     down = "model.layers.0.mlp.down_proj"                       # only c has it: its own delta
     assert rel(out.delta(down), delta(ads[2], down)) < 1e-5
