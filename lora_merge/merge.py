@@ -213,7 +213,7 @@ def _truncate(w: LoraWeight, rank: int | None, energy: float | None) -> LoraWeig
     if energy is None and (rank is None or rank >= w.rank):
         return w
     B, A = lowrank(w.B, w.A, rank, energy)
-    return LoraWeight(A=A, B=B, scale=1.0)
+    return dataclasses.replace(w, A=A, B=B, scale=1.0)
 
 
 def statistics(spec: MergeMethod, adapters: list[Adapter], given: Any) -> dict[int, Any]:

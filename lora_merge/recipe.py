@@ -212,7 +212,6 @@ class _Checker:
 
     def __init__(self, lines: dict[tuple, int], problems: list, root: Path):
         self.lines, self.problems, self.root = lines, list(problems), root
-        self.input_index: dict[int, int] = {}      # id(RecipeInput) -> its index in the recipe's inputs
 
     def bad(self, key: tuple, message: str) -> None:
         """A problem at `key`; a missing key is reported by its name, at the line of its nearest parent."""
@@ -252,7 +251,7 @@ class _Checker:
     def recipe(self, data) -> Recipe:
         data = self.mapping(data, (), TOP_KEYS)
         method = self.method(data)
-        inputs = self.inputs(data.get("inputs"), method)
+        inputs = self.inputs(data.get("inputs"), method, bool(data.get("base_model")))
         recipe = Recipe(method=method or "", inputs=inputs)
         recipe.name = self.typed(data, ("name",), "str")
         recipe.base_model = self.typed(data, ("base_model",), "str")
@@ -277,22 +276,12 @@ class _Checker:
             self.bad(("method",), "lorahub scores candidates with the base model; give base_model")
         if method == LORAHUB and recipe.expression:
             self.bad(("expression",), "lorahub searches the weights; remove the expression")
-        recipe.estimate = self.statistics(data, recipe, spec)
+        recipe.estimate = self.estimate(data, recipe, spec)
         return recipe
 
-    def statistics(self, data: dict, recipe: Recipe, spec) -> dict:
-        """Each input's `fisher` / `gram` file or `data` (methods weighted by data), and the `estimate` settings."""
+    def estimate(self, data: dict, recipe: Recipe, spec) -> dict:
+        """The `estimate` settings of the methods weighted by data (each input's statistics: `inputs`)."""
         needs = getattr(spec, "needs", None)
-        own = {"fisher": "fisher", "gram": "gram"}.get(needs or "")
-        for i, inp in enumerate(recipe.inputs):
-            key = ("inputs", self.input_index.get(id(inp), i))
-            for field_ in ("fisher", "gram", "data"):
-                if getattr(inp, field_) is not None and (needs is None or field_ not in (own, "data")):
-                    uses = "method fisher uses `fisher`" if field_ == "fisher" else (
-                        "method regmean uses `gram`" if field_ == "gram" else "methods fisher and regmean use `data`")
-                    self.bad(key + (field_,), f"method '{recipe.method}' takes no statistics ({uses})")
-            if needs and inp.data is not None and not recipe.base_model:
-                self.bad(key + ("data",), "estimating from data needs the base model; give base_model")
         given = data.get("estimate")
         if given is None:
             return {k: default for k, (_, default) in ESTIMATE_PARAMS.items()}
@@ -387,7 +376,7 @@ class _Checker:
             self.bad(("parameters",), "lorahub needs `examples`, a JSONL file of a few examples of the new task")
         return {k: out.get(k, default) for k, (_, default) in LORAHUB_PARAMS.items()}
 
-    def inputs(self, given, method: str | None) -> list[RecipeInput]:
+    def inputs(self, given, method: str | None, has_base: bool = False) -> list[RecipeInput]:
         if given is None:
             self.bad(("inputs",), "missing; list the adapters to merge")
             return []
@@ -408,6 +397,7 @@ class _Checker:
             weight = self.typed(item, key + ("weight",), "float")
             revision = self.typed(item, key + ("revision",), "str")
             files = {k: self.file(item, key + (k,)) for k in ("fisher", "gram", "data")}
+            self.input_statistics(files, method, has_base, key)
             if weight is not None and method == LORAHUB:
                 self.bad(key + ("weight",), "lorahub searches the weights; remove it")
             if adapter is None:
@@ -421,7 +411,6 @@ class _Checker:
                 default = _input_name(source if not _is_hub(source) else adapter)
                 out.append(RecipeInput(name=name or default, adapter=adapter, source=source,
                                        revision=rev, weight=weight, line=self.lines.get(key), **files))
-                self.input_index[id(out[-1])] = i
         seen: dict[str, int] = {}
         for i, inp in enumerate(out):
             if inp.name in seen:
@@ -429,6 +418,19 @@ class _Checker:
                                       f"{inp.line}); give them distinct `name`s")
             seen.setdefault(inp.name, i)
         return out
+
+    def input_statistics(self, files: dict, method: str | None, has_base: bool, key: tuple) -> None:
+        """An input's `fisher` / `gram` file or `data` suit its method (fisher / regmean), and `data` has a base."""
+        needs = getattr(METHODS.get(method or ""), "needs", None)
+        for field_, value in files.items():
+            if value is None:
+                continue
+            if needs is None or field_ not in (needs, "data"):
+                uses = "method fisher uses `fisher`" if field_ == "fisher" else (
+                    "method regmean uses `gram`" if field_ == "gram" else "methods fisher and regmean use `data`")
+                self.bad(key + (field_,), f"method '{method}' takes no statistics ({uses})")
+            elif field_ == "data" and not has_base:
+                self.bad(key + ("data",), "estimating from data needs the base model; give base_model")
 
     def file(self, item: dict, key: tuple) -> str | None:
         """An existing file named by `item[key[-1]]`, relative to the recipe's folder."""

@@ -164,7 +164,7 @@ def statistics(recipe: Recipe, adapters: list[Adapter], device, steps: Steps) ->
     if todo:
         from .fisher import estimate_many
         e = recipe.estimate
-        steps.start("estimate", sum(1 for _ in todo))
+        steps.start("estimate", len(todo))
         found = estimate_many(recipe.base_model, [a for _, a in todo], [i.data for i, _ in todo],
                               n_examples=e["n_examples"], kind=e["kind"], space=e["space"],
                               batch_size=e["batch_size"], seed=e["seed"], device=device, gram=spec.needs == "gram")

@@ -193,15 +193,9 @@ def compose(
                 raise MethodError(f"--{option} is for --method {'fisher' if option == 'fisher' else 'regmean'}, "
                                   f"not '{method}'", key=option)
             params[option + "s"] = _named_files(option, given)
-    pool = {}
     hub_progress(quiet)
-    for spec in adapter:
-        name, sep, source = spec.partition("=")
-        if not sep or not name or not source:
-            raise LoraMergeError(f"--adapter expects NAME=PATH_OR_REPO, got {spec!r}", key="adapter")
-        if name in pool:
-            raise LoraMergeError(f"--adapter: the name '{name}' is given twice", key="adapter")
-        pool[name] = load(source, name=name, allow_pickle=allow_pickle)
+    pool = {name: load(source, name=name, allow_pickle=allow_pickle)
+            for name, source in _named("adapter", adapter, "PATH_OR_REPO").items()}
     dev = resolve_device(device or "cpu")
     if dev.type != "cpu":
         params["device"] = dev
@@ -216,16 +210,26 @@ def compose(
     _report(_summary(result, out, _push(out, push_to_hub, private, quiet)), as_json)
 
 
+def _named(option: str, items: list[str], value: str) -> dict[str, str]:
+    """`--option NAME=VALUE`, repeated: NAME -> VALUE, each name once."""
+    from ..errors import LoraMergeError
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, given = item.partition("=")
+        if not sep or not name or not given:
+            raise LoraMergeError(f"--{option} expects NAME={value}, got {item!r}", key=option)
+        if name in out:
+            raise LoraMergeError(f"--{option}: the name '{name}' is given twice", key=option)
+        out[name] = given
+    return out
+
+
 def _named_files(option: str, items: list[str]) -> dict[str, Path]:
     from ..errors import LoraMergeError
-    out = {}
-    for item in items:
-        name, sep, file = item.partition("=")
-        if not sep or not name or not file:
-            raise LoraMergeError(f"--{option} expects NAME=FILE, got {item!r}", key=option)
-        if not Path(file).is_file():
-            raise LoraMergeError(f"--{option} {name}: {file}: no such file", file=file, key=option)
-        out[name] = Path(file)
+    out = {name: Path(file) for name, file in _named(option, items, "FILE").items()}
+    for name, file in out.items():
+        if not file.is_file():
+            raise LoraMergeError(f"--{option} {name}: {file}: no such file", file=str(file), key=option)
     return out
 
 

@@ -38,8 +38,8 @@ def fisher_average(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tenso
     """sum_i w_i F_i theta_i / sum_i w_i F_i, with F_i floored (in every input, or in the first only)."""
     num = den = None
     for i, (theta, F, w) in enumerate(zip(thetas, fishers, weights)):
-        d = F.float().clamp(min=floor) if (i == 0 or not favor_target) else F.float()
-        d = w * d
+        d = F.to(theta.device, torch.float32)             # Fishers are read to the CPU; theta is where the merge runs
+        d = w * (d.clamp(min=floor) if (i == 0 or not favor_target) else d)
         num = d * theta.float() if num is None else num.add_(d * theta.float())
         den = d if den is None else den.add_(d)
     return num / den

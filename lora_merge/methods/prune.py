@@ -48,9 +48,10 @@ class MagnitudeMask:
 
     def _select(self, stack: TaskStack) -> None:
         n, k = stack.numel, self.k
-        if n <= SMALL:
+        if n <= SMALL:                                      # all task tensors at once: one read of the stack
+            whole = torch.cat([x.abs() for _, x in stack.chunks()], 1)
             for i in range(stack.K):
-                self._settle(i, stack.task(i).abs(), 0)
+                self._settle(i, whole[i], 0)
             return
         gen = torch.Generator().manual_seed(0)
         q = 1.0 - k / n                                      # the threshold's quantile

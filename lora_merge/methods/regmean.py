@@ -32,7 +32,7 @@ def shrink(G: torch.Tensor, alpha: float) -> torch.Tensor:
 def regmean_factors(Bs: list[torch.Tensor], As: list[torch.Tensor], grams: list[torch.Tensor],
                     weights: list[float], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (B, A) of sum_i w_i B_i A_i G~_i (sum_i w_i G~_i)^-1; solved in float64."""
-    G = [shrink(g.double(), alpha) for g in grams]
+    G = [shrink(g.to(a.device, torch.float64), alpha) for g, a in zip(grams, As)]   # Grams are read to the CPU
     S = sum(w * g for w, g in zip(weights, G))
     rhs = torch.cat([g @ a.double().T for g, a in zip(G, As)], 1)        # S^-1 G_i A_i^T, all at once
     try:
