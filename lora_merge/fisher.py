@@ -60,7 +60,7 @@ from .errors import AdapterLoadError, LoraMergeError, MethodError, NonFiniteErro
 from .io import PREFIX, _sha256, _split_key, load, state_dict
 from .lorahub import PROMPT, Example, _load_model, _model_name, _pad, read_examples
 from .merge import resolve_device
-from .model import Composition
+from .model import Composition, answer_logits
 
 URL = "https://arxiv.org/abs/2111.09832"
 KINDS = ("expected", "empirical", "sampled")
@@ -153,9 +153,27 @@ def estimate(model, adapter: Adapter | str | os.PathLike, data: str | os.PathLik
     forward/backward pass (with all options of a multiple-choice row); `progress(done, total)` is called after
     each batch. The same seed gives the same estimate, whatever the batch size.
     """
-    for key, value, allowed in (("kind", kind, KINDS), ("space", space, SPACES)):
-        if value not in allowed:
-            raise MethodError(f"unknown {key} {value!r}; use one of {list(allowed)}", key=key)
+    return estimate_variants(model, adapter, data, tokenizer=tokenizer, n_examples=n_examples, kinds=(kind,),
+                             spaces=(space,), batch_size=batch_size, seed=seed, device=device,
+                             max_new_tokens=max_new_tokens, progress=progress, gram=gram)[(kind, space)]
+
+
+def estimate_variants(model, adapter: Adapter | str | os.PathLike, data: str | os.PathLike | list[Example], *,
+                      kinds: Sequence[str] = KINDS, spaces: Sequence[str] = SPACES, tokenizer=None,
+                      n_examples: int = 256, batch_size: int = 8, seed: int = 0,
+                      device: str | torch.device | None = "auto", max_new_tokens: int = 32,
+                      progress: Callable[[int, int], None] | None = None,
+                      gram: bool = False) -> dict[tuple[str, str], Fisher]:
+    """Several kinds and spaces of the Fisher from ONE pass over the data: {(kind, space): Fisher}, each equal to
+    what `estimate` gives for that kind and space (the per-example gradients are the same; only which labels
+    weigh them, and how they are contracted, differ). With `gram=True` every Fisher carries the same Grams."""
+    kinds, spaces = tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(spaces))
+    for key, values, allowed in (("kind", kinds, KINDS), ("space", spaces, SPACES)):
+        if not values:
+            raise MethodError(f"no {key} given; use some of {list(allowed)}", key=key)
+        for value in values:
+            if value not in allowed:
+                raise MethodError(f"unknown {key} {value!r}; use one of {list(allowed)}", key=key)
     for key, value in (("n_examples", n_examples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MethodError(f"{key} must be a positive integer, got {value!r}", key=key)
@@ -166,7 +184,7 @@ def estimate(model, adapter: Adapter | str | os.PathLike, data: str | os.PathLik
     if getattr(model.config, "is_encoder_decoder", False):
         raise MethodError(f"{type(model).__name__} is an encoder-decoder model; the Fisher estimate supports "
                           "decoder-only (causal) language models", key="model")
-    settings = _Settings(kind, space, batch_size, seed, max_new_tokens, gram, progress)
+    settings = _Settings(kinds, spaces, batch_size, seed, max_new_tokens, gram, progress)
     return _estimate(model, tokenizer, adapter, examples, sha, settings)
 
 
@@ -184,8 +202,8 @@ def estimate_many(model, adapters: Sequence[Adapter | str | os.PathLike],
 
 @dataclass(frozen=True)
 class _Settings:
-    kind: str
-    space: str
+    kinds: tuple[str, ...]
+    spaces: tuple[str, ...]
     batch_size: int
     seed: int
     max_new_tokens: int
@@ -205,24 +223,29 @@ def _examples(data, n: int) -> tuple[list[Example], str]:
 @dataclass
 class _Item:
     """One example: its prompt's token ids, one target per row (multiple choice: the options, `answer` the data's;
-    free text: y, then the data's answer for the Gram if y is a sample), `gram_row` the data answer's row."""
+    free text: the sample y if a kind needs it, then the data's answer if a kind or the Gram needs it), `rows` the
+    row of each kind (free text), `gram_row` the data answer's row."""
 
     index: int
     prompt: list[int]
     targets: list[list[int]]
     answer: int | None = None
     gram_row: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
 
 
-def _estimate(model, tokenizer, adapter: Adapter, examples: list[Example], sha: str, s: _Settings) -> Fisher:
+def _estimate(model, tokenizer, adapter: Adapter, examples: list[Example], sha: str, s: _Settings
+              ) -> dict[tuple[str, str], Fisher]:
     device = next(model.parameters()).device
     composition = Composition(model, [adapter], mode="delta")      # y = base(x) + s (x Aᵀ) Bᵀ, in float32
     composition.set_weights([1.0])
     factors = {path: adapter.modules[path].to(device) for path in composition.layers}
-    acc: dict[str, dict[str, torch.Tensor]] = {}
-    for path, w in factors.items():
-        shapes = {"A": w.A.shape, "B": w.B.shape} if s.space == "factor" else {"delta": w.shape}
-        acc[path] = {slot: torch.zeros(shape, device=device) for slot, shape in shapes.items()}
+    acc: dict[tuple[str, str], dict[str, dict[str, torch.Tensor]]] = {}
+    for kind in s.kinds:
+        for space in s.spaces:
+            acc[kind, space] = {path: {slot: torch.zeros(shape, device=device) for slot, shape in
+                                       (({"A": w.A.shape, "B": w.B.shape} if space == "factor" else
+                                         {"delta": w.shape}).items())} for path, w in factors.items()}
     grams = {path: torch.zeros(w.shape[1], w.shape[1], device=device) for path, w in factors.items()} \
         if s.gram else None
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -237,15 +260,18 @@ def _estimate(model, tokenizer, adapter: Adapter, examples: list[Example], sha: 
                 s.progress(min(start + s.batch_size, len(examples)), len(examples))
     finally:
         composition.detach()
-    meta = {"kind": s.kind, "space": s.space, "n_examples": str(len(examples)), "data_sha256": sha,
-            "prompt_template": PROMPT, "base_model": _model_name(model) or "", "adapter": adapter.name,
-            "adapter_source": adapter.source or "", "seed": str(s.seed), "max_new_tokens": str(s.max_new_tokens),
-            "lora_merge_version": __version__, "url": URL}
+    meta = {"n_examples": str(len(examples)), "data_sha256": sha, "prompt_template": PROMPT,
+            "base_model": _model_name(model) or "", "adapter": adapter.name, "adapter_source": adapter.source or "",
+            "seed": str(s.seed), "max_new_tokens": str(s.max_new_tokens), "lora_merge_version": __version__,
+            "url": URL}
     if grams is not None:
         meta["gram_tokens"] = str(tokens)
+        grams = {p: g.cpu() for p, g in grams.items()}
     n = len(examples)
-    return Fisher(s.space, {p: {k: (v / n).cpu() for k, v in t.items()} for p, t in acc.items()},
-                  None if grams is None else {p: g.cpu() for p, g in grams.items()}, meta)
+    return {(kind, space): Fisher(space, {p: {k: (v / n).cpu() for k, v in t.items()} for p, t in a.items()},
+                                  None if grams is None else dict(grams),
+                                  {"kind": kind, "space": space, **meta})
+            for (kind, space), a in acc.items()}
 
 
 def _item(model, tokenizer, ex: Example, index: int, s: _Settings, eos: set[int]) -> _Item:
@@ -265,38 +291,51 @@ def _item(model, tokenizer, ex: Example, index: int, s: _Settings, eos: set[int]
                                  f"{len(ex.options)} options", key="answer")
         return _Item(index, prompt, [encode(o) for o in ex.options], ex.answer, ex.answer)
     answer = encode(ex.target)
-    if s.kind == "empirical":
-        return _Item(index, prompt, [answer])
-    y = _sample(model, prompt, _generator(s.seed, index), s.max_new_tokens, eos)
-    return _Item(index, prompt, [y, answer] if s.gram else [y], gram_row=1)
+    item = _Item(index, prompt, [])
+    if any(kind != "empirical" for kind in s.kinds):            # expected and sampled: one draw y of the model
+        item.targets.append(_sample(model, prompt, _generator(s.seed, index), s.max_new_tokens, eos))
+        item.rows.update({kind: 0 for kind in s.kinds if kind != "empirical"})
+    if "empirical" in s.kinds or s.gram:
+        item.gram_row = len(item.targets)
+        item.rows["empirical"] = item.gram_row
+        item.targets.append(answer)
+    return item
 
 
 def _batch(model, tokenizer, composition, factors, items: list[_Item], acc, grams, s: _Settings) -> int:
     """Add the batch's examples' Fishers (and Grams) to the sums; returns the number of Gram tokens."""
     device = next(model.parameters()).device
-    rows = [(e, item.prompt + t, [-100] * len(item.prompt) + t) for e, item in enumerate(items) for t in item.targets]
+    rows = [(e, item.prompt, t) for e, item in enumerate(items) for t in item.targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids, mask = (t.to(device) for t in _pad([r[1] for r in rows], pad))
-    labels = _pad([r[2] for r in rows], -100)[0][:, 1:].to(device)
+    ids, mask = (t.to(device) for t in _pad([r[1] + r[2] for r in rows], pad))
+    labels = _pad([r[2] for r in rows], -100)[0].to(device)                  # (S, W): the targets, left-aligned
+    starts = torch.tensor([len(r[1]) - 1 for r in rows])                     # the position predicting each first
     example = torch.tensor([r[0] for r in rows], device=device)
     with torch.enable_grad(), _recording(composition) as (inputs, zeros):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        logits = answer_logits(model, ids, mask, starts, labels.shape[1])
         scored = labels != -100
         logp = logits[scored].float().log_softmax(-1).gather(1, labels[scored].unsqueeze(1)).squeeze(1)
         ll = torch.zeros(len(rows), device=device).index_add(0, scored.nonzero()[:, 0], logp)
         grads = torch.autograd.grad(ll.sum(), list(zeros.values()), allow_unused=True)
 
-    p, c, gram_rows = (t.to(device) for t in _coefficients(items, ll.detach().cpu(), s))
+    p, c, gram_rows = _coefficients(items, ll.detach().cpu(), s)
+    p, gram_rows = p.to(device), gram_rows.to(device)
+    c = {kind: v.to(device) for kind, v in c.items()}
     m = mask.unsqueeze(-1).float()
     for path, g in zip(zeros, grads):
         X = inputs[path].float() * m                                            # (S, T, in), pads zeroed
         gout = (torch.zeros_like(zeros[path]) if g is None else g).float() * m   # (S, T, out)
         w = factors[path]
-        if s.space == "delta":
-            _add(acc[path]["delta"], torch.einsum("sto,sti->soi", gout, X), example, p, c)
-        else:
-            _add(acc[path]["B"], w.scale * torch.einsum("sto,str->sor", gout, X @ w.A.float().T), example, p, c)
-            _add(acc[path]["A"], w.scale * torch.einsum("str,sti->sri", gout @ w.B.float(), X), example, p, c)
+        for space in s.spaces:
+            if space == "delta":
+                per_row = {"delta": torch.einsum("sto,sti->soi", gout, X)}
+            else:
+                per_row = {"B": w.scale * torch.einsum("sto,str->sor", gout, X @ w.A.float().T),
+                           "A": w.scale * torch.einsum("str,sti->sri", gout @ w.B.float(), X)}
+            for slot, G in per_row.items():
+                squares = _centred_squares(G, example, p)
+                for kind in s.kinds:
+                    acc[kind, space][path][slot] += torch.tensordot(c[kind], squares, dims=1)
         if grams is not None:
             Xg = X[gram_rows].reshape(-1, X.shape[-1])
             grams[path] += Xg.T @ Xg
@@ -304,34 +343,38 @@ def _batch(model, tokenizer, composition, factors, items: list[_Item], acc, gram
 
 
 def _coefficients(items: list[_Item], ll: torch.Tensor, s: _Settings
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, p and c such that an example's Fisher is Σ_j c_j (g_j - Σ_k p_k g_k)², and the Gram rows."""
-    p, c, gram_rows = torch.zeros(len(ll)), torch.zeros(len(ll)), []
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Per row, p, and c of each kind, such that an example's Fisher is Σ_j c_j (g_j - Σ_k p_k g_k)²; the Gram
+    rows."""
+    p, gram_rows = torch.zeros(len(ll)), []
+    c = {kind: torch.zeros(len(ll)) for kind in s.kinds}
     start = 0
     for item in items:
         rows = slice(start, start + len(item.targets))
-        if item.answer is None:
-            c[start] = 1.0                              # free text: ∇ log p(y|x) = g_y, no centring
+        if item.answer is None:                         # free text: ∇ log p(y|x) = g_y, no centring
+            for kind in s.kinds:
+                c[kind][start + item.rows[kind]] = 1.0
         else:
             p[rows] = ll[rows].double().softmax(0).float()
-            if s.kind == "expected":
-                c[rows] = p[rows]
-            else:
-                y = item.answer if s.kind == "empirical" else \
-                    int(torch.multinomial(p[rows], 1, generator=_generator(s.seed, item.index)))
-                c[start + y] = 1.0
+            for kind in s.kinds:
+                if kind == "expected":
+                    c[kind][rows] = p[rows]
+                else:
+                    y = item.answer if kind == "empirical" else \
+                        int(torch.multinomial(p[rows], 1, generator=_generator(s.seed, item.index)))
+                    c[kind][start + y] = 1.0
         gram_rows.append(start + item.gram_row)
         start = rows.stop
     return p, c, torch.tensor(gram_rows)
 
 
-def _add(acc: torch.Tensor, G: torch.Tensor, example: torch.Tensor, p: torch.Tensor, c: torch.Tensor) -> None:
-    """acc += Σ_s c_s (G_s - ḡ_e(s))², ḡ_e = Σ_{s of example e} p_s G_s: per-row gradients G (S, ...) combined
-    per example, in the centred form (no cancellation as in Σ c g² - ḡ²)."""
+def _centred_squares(G: torch.Tensor, example: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(G_s - ḡ_e(s))² for per-row gradients G (S, ...), ḡ_e = Σ_{s of example e} p_s G_s: an example's Fisher is
+    then Σ_s c_s of these, in the centred form (no cancellation as in Σ c g² - ḡ²)."""
     shape = (-1,) + (1,) * (G.dim() - 1)
     gbar = torch.zeros((int(example.max()) + 1, *G.shape[1:]), device=G.device).index_add_(0, example,
                                                                                             G * p.view(shape))
-    acc += ((G - gbar[example]).square() * c.view(shape)).sum(0)
+    return (G - gbar[example]).square()
 
 
 @contextmanager
@@ -421,4 +464,4 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
         raise
 
 
-__all__ = ["Fisher", "estimate", "estimate_many", "load_gram", "KINDS", "SPACES", "URL"]
+__all__ = ["Fisher", "estimate", "estimate_many", "estimate_variants", "load_gram", "KINDS", "SPACES", "URL"]

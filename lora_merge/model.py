@@ -135,6 +135,40 @@ class Composition:
         self.layers.clear()
 
 
+def answer_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor,
+                  width: int, **model_kwargs) -> torch.Tensor:
+    """The logits at positions `starts[s]` ... `starts[s] + width - 1` of each row s (clamped to the sequence's
+    last position), shape (S, width, vocab): what scoring an answer that follows a prompt needs.
+
+    The output embedding (`model.get_output_embeddings()`) is applied at those positions only, through a forward
+    pre-hook that gathers its input; the model's own forward does everything else (final soft-capping, scaling),
+    so the values are those of the full logits. A vocabulary of 49k and prompts of hundreds of tokens make the
+    full logits most of a small model's cost. When the output embedding is itself an adapted layer of a
+    composition (its input must stay whole) or the model has none, the full logits are computed and gathered.
+    `model_kwargs` (e.g. `position_ids`) go to the model's forward.
+    """
+    S, T = input_ids.shape
+    index = (starts.to(input_ids.device).view(-1, 1) + torch.arange(width, device=input_ids.device)).clamp(max=T - 1)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or isinstance(head, WeightedLoraLinear):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
+        return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+    def gather(module, args):
+        h = args[0]
+        if h.dim() != 3 or h.shape[:2] != (S, T):
+            raise MethodError(f"the output embedding of {type(model).__name__} got an input of shape "
+                              f"{tuple(h.shape)}, expected ({S}, {T}, hidden)")
+        return (h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1])), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
+    finally:
+        handle.remove()
+    return logits
+
+
 def _pad(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     if t.shape[dim] == r:
         return t
@@ -153,4 +187,4 @@ def _find(model: nn.Module, path: str) -> tuple[str, nn.Module | None]:
     return path, None
 
 
-__all__ = ["Composition", "WeightedLoraLinear", "MODES"]
+__all__ = ["Composition", "WeightedLoraLinear", "MODES", "answer_logits"]

@@ -291,3 +291,25 @@ def test_bad_arguments_are_clear_errors(adapter_path):
         lm.fisher.estimate(tiny_t5(), adapter_path, rows(2), tokenizer=tokenizer(), device="cpu")
     with pytest.raises(lm.LoraMergeError, match="example 1: answer 5"):
         estimate(adapter_path, [Example("w1", "w2", ["w2", "w3"], 5)])
+
+
+def test_all_variants_from_one_pass_equal_their_own_estimates(adapter_path, reference):
+    """`estimate_variants` shares the forward/backward pass: every (kind, space) equals `estimate` of it and the
+    brute-force reference, and the Grams are those of a single estimate."""
+    adapter, data = lm.load(adapter_path), rows(6, seed=5)
+    kw = {"tokenizer": tokenizer(), "device": "cpu", "seed": SEED, "max_new_tokens": NEW_TOKENS, "batch_size": 4}
+    variants = lm.fisher.estimate_variants(base(), adapter, data, gram=True, **kw)
+    assert sorted(variants) == sorted((k, s) for k in fisher.KINDS for s in fisher.SPACES)
+    gram = estimate(adapter, data, kind="empirical", gram=True, batch_size=4).gram
+    for (kind, space), F in variants.items():
+        assert (F.meta["kind"], F.meta["space"], F.space) == (kind, space, space)
+        assert worst(F, estimate(adapter, data, kind=kind, space=space, batch_size=4).tensors) < 1e-6
+        assert worst(F, reference.fisher(data, kind, space)) < 1e-5
+        assert all(torch.allclose(F.gram[m], g, rtol=1e-6, atol=0) for m, g in gram.items())
+    two = lm.fisher.estimate_variants(base(), adapter, data, kinds=("empirical",), spaces=("delta",), **kw)
+    assert list(two) == [("empirical", "delta")]
+    assert worst(two["empirical", "delta"], variants["empirical", "delta"].tensors) < 1e-6
+    with pytest.raises(lm.MethodError, match="no kind given"):
+        lm.fisher.estimate_variants(base(), adapter, data, kinds=(), **kw)
+    with pytest.raises(lm.MethodError, match="unknown space 'dense'"):
+        lm.fisher.estimate_variants(base(), adapter, data, spaces=("factor", "dense"), **kw)
