@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_merge as lm
-from lora_merge.methods.dare import drop_and_rescale
+from lora_merge.methods.dare import dare_linear, dare_ties, drop_and_rescale, keep_mask
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
@@ -51,3 +51,21 @@ def test_dare_linear_factor_entries_are_dropped_and_rescaled(same_rank):
         kept = mine != 0
         assert torch.allclose(ratio[kept], torch.full_like(ratio[kept], 4.0), rtol=1e-5)
         assert 0.05 < float(kept.float().mean()) < 0.5
+
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+def test_dare_is_the_formula_on_the_kept_entries_rescaled(method):
+    """DARE-TIES and DARE-linear (which fold 1/density into the weights) against the written-out formula in
+    float64, on the same masks (one chunk: the masks are `keep_mask` of the stacked tasks)."""
+    x = torch.randn(4, 300, 70, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([0.7, -0.4, 0.5, 1.2])
+    mask = keep_mask((4, 300 * 70), 0.3, torch.Generator().manual_seed(5)).view(x.shape).double()
+    assert 0.28 < float(mask.mean()) < 0.32
+    d = x.double() * mask / 0.3
+    votes = d.sum(0) if method == "total" else d.sign().sum(0)
+    agree = ((d.sign() == torch.where(votes >= 0, 1.0, -1.0)) & (d != 0)).double()
+    want = (w.double().view(-1, 1, 1) * d * agree).sum(0) / agree.sum(0).clamp(min=1)
+    got = dare_ties(x, w, density=0.3, majority_sign_method=method, rng=torch.Generator().manual_seed(5))
+    assert float((got.double() - want).abs().max()) < 1e-5
+    got = dare_linear(x, w, density=0.3, rng=torch.Generator().manual_seed(5))
+    assert float((got.double() - (w.double().view(-1, 1, 1) * d).sum(0)).abs().max()) < 1e-5

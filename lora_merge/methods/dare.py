@@ -7,6 +7,7 @@ seed gives the same masks on every device.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -18,31 +19,50 @@ from .ties import elect_and_merge
 URL = "https://arxiv.org/abs/2311.03099"
 
 
+def keep_mask(shape, density: float, rng: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
+    """1 where an entry is kept, 0 where it is dropped: independent Bernoulli draws whose keep probability is
+    `density` rounded to a multiple of 2^-16 (at most 7.6e-6 off). Each 64-bit draw of the generator gives four
+    16-bit uniforms, half the cost of `rand` (which makes 24-bit floats, one 32-bit draw each)."""
+    n = math.prod(shape)
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=rng)
+    threshold = round(density * 65536) - 32768                          # u16 < t  <=>  int16 < t - 32768
+    return (bits.view(torch.int16)[:n] < threshold).to(dtype).view(shape)
+
+
 def drop_and_rescale(x: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
-    """Keep each entry with probability `density` and divide the kept ones by `density`."""
+    """Keep each entry with probability `density` (`keep_mask`) and divide the kept ones by `density`."""
     if density >= 1.0:
         return x
     if density <= 0.0:
         return torch.zeros_like(x)
-    keep = (torch.rand(x.shape, generator=rng) < density).to(x.dtype)   # Bernoulli(density), 2-3x faster
-    return x * keep.to(x.device) / density
+    return x * keep_mask(x.shape, density, rng, x.dtype).to(x.device) / density
+
+
+def _dropped(x: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
+    """The kept entries of x, not yet rescaled (the callers fold 1/density into the weights: one pass fewer)."""
+    if density >= 1.0:
+        return x
+    if density <= 0.0:
+        return torch.zeros_like(x)
+    return x * keep_mask(x.shape, density, rng, x.dtype).to(x.device)
 
 
 def dare_linear(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density: float,
                 rng: torch.Generator | None = None) -> torch.Tensor:
     """DARE, then the weighted sum."""
     src = as_stack(stack)
-    w = weights.view(-1, 1).to(src.dtype)
-    return src.map_chunks(lambda _, x: (w * drop_and_rescale(x, density, rng)).sum(0))
+    w = weights.view(1, -1).to(src.dtype) / (density if 0.0 < density < 1.0 else 1.0)
+    return src.map_chunks(lambda _, x: (w @ _dropped(x, density, rng)).squeeze(0))
 
 
 def dare_ties(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density: float,
               majority_sign_method: Literal["total", "frequency"] = "total",
               rng: torch.Generator | None = None) -> torch.Tensor:
-    """DARE, then TIES' sign election and disjoint merge."""
+    """DARE, then TIES' sign election and disjoint merge. Rescaling by 1/density changes no sign and no vote's
+    sign, so it is applied to the weights instead of the entries."""
     src = as_stack(stack)
-    w = weights.view(-1, 1).to(src.dtype)
-    return src.map_chunks(lambda _, x: elect_and_merge(drop_and_rescale(x, density, rng), w, majority_sign_method))
+    w = weights.view(-1, 1).to(src.dtype) / (density if 0.0 < density < 1.0 else 1.0)
+    return src.map_chunks(lambda _, x: elect_and_merge(_dropped(x, density, rng), w, majority_sign_method))
 
 
 register("dare_linear", family="factor", op=dare_linear, url=URL,

@@ -24,8 +24,10 @@ def elect_and_merge(x: torch.Tensor, w: torch.Tensor, method: str) -> torch.Tens
     rather than boolean masks and `where`, which are several times slower on a CPU; the values are the same."""
     votes = x.sum(0) if method == "total" else x.sign().sum(0)
     majority = torch.ones_like(votes).copysign_(votes + 0.0)      # + 0.0 turns a -0.0 vote into +0.0: +1
-    agree = (x * majority > 0).to(x.dtype)                         # non-zero and of the majority's sign
-    return (w * x * agree).sum(0) / agree.sum(0).clamp_(min=1.0)
+    agree = (x * majority).clamp_(min=0.0).sign_()                 # 1: non-zero and of the majority's sign
+    ones = torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device)
+    # the two sums over the K tasks as (1, K) @ (K, c) products: one pass each
+    return (w.view(1, -1) @ (x * agree)).squeeze(0) / (ones @ agree).squeeze(0).clamp_(min=1.0)
 
 
 def ties(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density: float,
