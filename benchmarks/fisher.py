@@ -123,8 +123,8 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", type=Path, required=True, help="folder with one LoRA folder per library task")
-    ap.add_argument("--data", type=Path, required=True, help="folder with the library tasks' JSONL files")
+    ap.add_argument("--adapters", type=Path, help="folder with one LoRA folder per library task")
+    ap.add_argument("--data", type=Path, help="folder with the library tasks' JSONL files")
     ap.add_argument("-n", type=int, default=256, help="training rows per Fisher (row 100 on)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--groups", nargs="*", default=["all", *GROUPS], help="'all' and/or names of GROUPS")
@@ -137,6 +137,8 @@ def main() -> None:
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
+    if args.adapters is None or args.data is None:
+        ap.error("--adapters and --data are needed (all but --table)")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_path = ensure_model()
