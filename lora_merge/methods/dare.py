@@ -29,17 +29,8 @@ def keep_mask(shape, density: float, rng: torch.Generator | None, dtype=torch.fl
     return (bits.view(torch.int16)[:n] < threshold).to(dtype).view(shape)
 
 
-def drop_and_rescale(x: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
-    """Keep each entry with probability `density` (`keep_mask`) and divide the kept ones by `density`."""
-    if density >= 1.0:
-        return x
-    if density <= 0.0:
-        return torch.zeros_like(x)
-    return x * keep_mask(x.shape, density, rng, x.dtype).to(x.device) / density
-
-
 def _dropped(x: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
-    """The kept entries of x, not yet rescaled (the callers fold 1/density into the weights: one pass fewer)."""
+    """The kept entries of x (`keep_mask`), not yet rescaled: the callers fold 1/density into their weights."""
     if density >= 1.0:
         return x
     if density <= 0.0:
@@ -47,11 +38,21 @@ def _dropped(x: torch.Tensor, density: float, rng: torch.Generator | None) -> to
     return x * keep_mask(x.shape, density, rng, x.dtype).to(x.device)
 
 
+def _rescale(density: float) -> float:
+    """What the kept entries are divided by: `density`, or 1 where nothing or everything is dropped."""
+    return density if 0.0 < density < 1.0 else 1.0
+
+
+def drop_and_rescale(x: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
+    """Keep each entry with probability `density` (`keep_mask`) and divide the kept ones by `density`."""
+    return _dropped(x, density, rng) / _rescale(density)
+
+
 def dare_linear(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density: float,
                 rng: torch.Generator | None = None) -> torch.Tensor:
     """DARE, then the weighted sum."""
     src = as_stack(stack)
-    w = weights.view(1, -1).to(src.dtype) / (density if 0.0 < density < 1.0 else 1.0)
+    w = weights.view(1, -1).to(src.dtype) / _rescale(density)
     return src.map_chunks(lambda _, x: (w @ _dropped(x, density, rng)).squeeze(0))
 
 
@@ -61,7 +62,7 @@ def dare_ties(stack: torch.Tensor | TaskStack, weights: torch.Tensor, *, density
     """DARE, then TIES' sign election and disjoint merge. Rescaling by 1/density changes no sign and no vote's
     sign, so it is applied to the weights instead of the entries."""
     src = as_stack(stack)
-    w = weights.view(-1, 1).to(src.dtype) / (density if 0.0 < density < 1.0 else 1.0)
+    w = weights.view(-1, 1).to(src.dtype) / _rescale(density)
     return src.map_chunks(lambda _, x: elect_and_merge(_dropped(x, density, rng), w, majority_sign_method))
 
 
